@@ -1,0 +1,288 @@
+"""nftables backend: the one place that turns rendered fragments into kernel transactions.
+
+Each ``sync`` sends exactly ONE ``nft -f -`` transaction (atomic: all or nothing).
+- Full sync (first sync, after any failure, after a Node change): read the table back once
+  (chains and set/map elements), rewrite the static skeleton and every Service chain, and send only
+  the element differences against what the kernel really holds, so a restart does not re-add
+  100k unchanged elements (upstream PR #130119 learned this the hard way).
+- Partial sync: re-render only the changed Services and send only their chain rewrites and
+  element differences, computed against our record of the kernel; unchanged Services' chains are
+  never touched.
+- Stale Service chains are flushed (their map elements deleted) in the sync that retires them and
+  deleted in a later transaction at least ``STALE_CHAIN_DELAY`` seconds on, as upstream does: older
+  kernels do not notice at once that a chain lost its last reference.
+Bookkeeping is committed only after the kernel accepted the transaction, so a failed sync leaves
+our record equal to the kernel and the retry (a full sync) starts from the truth.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Collection, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from kubeproxy.backends.nftables import names
+from kubeproxy.backends.nftables.render import (
+    BASE_CHAINS,
+    EMPTY,
+    TABLE,
+    TABLE_COMMENT,
+    Element,
+    Fragment,
+    NftOptions,
+    chain_add_command,
+    declarations,
+    element_command,
+    render_service,
+    render_static_elements,
+    static_chains,
+)
+from kubeproxy.kernel.nft import Nft, NftError
+from kubeproxy.model.service import NamespacedName
+from kubeproxy.state.snapshot import ProxyState
+
+log = logging.getLogger("kubeproxy.nftables")
+
+STALE_CHAIN_DELAY = 1.0
+_ELEMENTS_PER_COMMAND = 500
+
+Owner = NamespacedName | None  # None: the static part (node addresses)
+ElemKey = tuple[str, str]  # (set or map name, key text)
+
+
+@dataclass(frozen=True, slots=True)
+class SyncOutcome:
+    full: bool
+    commands: int
+    services_rendered: int
+    followup_after: float | None  # ask the runner for another sync after this many seconds
+
+
+def _json_value(value: Any) -> str:
+    if isinstance(value, dict):
+        if "concat" in value:
+            return " . ".join(_json_value(v) for v in value["concat"])
+        if "prefix" in value:
+            return f"{value['prefix']['addr']}/{value['prefix']['len']}"
+        for verb in ("goto", "jump"):
+            if verb in value:
+                return f"{verb} {value[verb]['target']}"
+        if len(value) == 1:
+            return str(next(iter(value)))  # {"drop": null}, {"accept": null}
+    return str(value)
+
+
+def parse_table(doc: dict[str, Any] | None) -> tuple[set[str], dict[str, dict[str, str | None]]]:
+    """Chains and set/map elements of an ``nft -j list table`` document, as our text keys."""
+    chains: set[str] = set()
+    elements: dict[str, dict[str, str | None]] = {}
+    for item in (doc or {}).get("nftables", []):
+        if "chain" in item:
+            chains.add(item["chain"]["name"])
+        for kind in ("set", "map"):
+            if kind in item:
+                entry = item[kind]
+                elems = elements.setdefault(entry["name"], {})
+                for e in entry.get("elem", []):
+                    if isinstance(e, dict) and "elem" in e:  # elements with timeouts/comments
+                        e = e["elem"]["val"]
+                    if kind == "map" and isinstance(e, list):
+                        elems[_json_value(e[0])] = _json_value(e[1])
+                    else:
+                        elems[_json_value(e)] = None
+    return chains, elements
+
+
+class NftablesBackend:
+    def __init__(self, nft: Nft, opts: NftOptions) -> None:
+        self.nft = nft
+        self.opts = opts
+        self.family = opts.nft_family
+        self._fragments: dict[NamespacedName, Fragment] = {}
+        self._owners: dict[ElemKey, dict[Owner, str | None]] = {}
+        self._static_elements: frozenset[Element] = frozenset()
+        self._kernel_elements: dict[str, dict[str, str | None]] = {}
+        self._kernel_chains: set[str] = set()
+        self._stale: dict[str, float] = {}  # flushed service chain -> monotonic time flushed
+        self._synced_once = False
+
+    # -- helpers -----------------------------------------------------------------------------
+    def _skeleton(self) -> list[str]:
+        fam = self.family
+        lines = [f'add table {fam} {TABLE} {{ comment "{TABLE_COMMENT}" ; }}']
+        for name, body in sorted(declarations(self.opts).items()):
+            kind = "map" if ":" in body.split(";")[0] else "set"
+            lines.append(f"add {kind} {fam} {TABLE} {name} {{ {body} ; }}")
+        chains = static_chains(self.opts)
+        # Create every chain first: rules may jump to chains that come later alphabetically.
+        lines += [chain_add_command(fam, name) for name in sorted(chains)]
+        for name in sorted(chains):
+            lines.append(f"flush chain {fam} {TABLE} {name}")
+            lines += [f"add rule {fam} {TABLE} {name} {rule}" for rule in chains[name]]
+        return lines
+
+    def _chain_lines(self, name: str, rules: Iterable[str]) -> list[str]:
+        fam = self.family
+        return [
+            f"add chain {fam} {TABLE} {name}",
+            f"flush chain {fam} {TABLE} {name}",
+            *(f"add rule {fam} {TABLE} {name} {rule}" for rule in rules),
+        ]
+
+    def _element_lines(self, verb: str, by_set: dict[str, list[tuple[str, str | None]]]) -> list[str]:
+        lines: list[str] = []
+        for set_name in sorted(by_set):
+            items = sorted(by_set[set_name])
+            for start in range(0, len(items), _ELEMENTS_PER_COMMAND):
+                chunk = items[start : start + _ELEMENTS_PER_COMMAND]
+                body = ", ".join(k if v is None or verb == "delete" else f"{k} : {v}" for k, v in chunk)
+                lines.append(element_command(verb, self.family, set_name, body, None))
+        return lines
+
+    @staticmethod
+    def _effective(owners: dict[Owner, str | None]) -> str | None:
+        # Two objects may claim one key (e.g. two Services with the same IP and port in
+        # manifests): the first by name wins, deterministically, until it goes away.
+        first = min(owners, key=lambda o: "" if o is None else f"~{o}")
+        return owners[first]
+
+    def _fragment(self, state: ProxyState, key: NamespacedName) -> Fragment:
+        ports = state.services.get(key)
+        if not ports:
+            return EMPTY
+        return render_service(ports.values(), state.service_endpoints, self.opts, state.node.topology)
+
+    # -- sync --------------------------------------------------------------------------------
+    def sync(self, state: ProxyState, changed: Collection[NamespacedName], *, full: bool) -> SyncOutcome:
+        full = full or not self._synced_once
+        now = time.monotonic()
+        lines: list[str] = []
+        owners = {k: dict(v) for k, v in self._owners.items()} if not full else {}
+        kernel_elements = self._kernel_elements if not full else {}
+        kernel_chains = set(self._kernel_chains)
+        stale = dict(self._stale)
+        chain_lines: list[str] = []
+
+        if full:
+            kernel_chains, kernel_elements = parse_table(self.nft.list_table(self.family, TABLE))
+            lines += self._skeleton()
+            targets: Collection[NamespacedName] = sorted(state.services)
+            old_fragments: dict[NamespacedName, Fragment] = {}
+            fragments: dict[NamespacedName, Fragment] = {}
+        else:
+            targets = sorted(set(changed))
+            old_fragments = self._fragments
+            fragments = dict(self._fragments)
+
+        touched: set[ElemKey] = set()
+        static = render_static_elements(state.node.addresses, self.opts)
+        old_static = frozenset() if full else self._static_elements
+        for set_name, key, _value in old_static - static:
+            owners[(set_name, key)].pop(None, None)
+            touched.add((set_name, key))
+        for set_name, key, value in static:
+            owners.setdefault((set_name, key), {})[None] = value
+            touched.add((set_name, key))
+
+        for svc in targets:
+            new = self._fragment(state, svc)
+            old = old_fragments.get(svc, EMPTY)
+            if new is EMPTY:
+                fragments.pop(svc, None)
+            else:
+                fragments[svc] = new
+            for name, rules in new.chains.items():
+                if full or old.chains.get(name) != rules or name not in kernel_chains:
+                    chain_lines += self._chain_lines(name, rules)
+                stale.pop(name, None)
+            for name in old.chains.keys() - new.chains.keys():
+                stale.setdefault(name, now)
+            for set_name, key, _value in old.elements - new.elements:
+                owners[(set_name, key)].pop(svc, None)
+                touched.add((set_name, key))
+            for set_name, key, value in new.elements:
+                owners.setdefault((set_name, key), {})[svc] = value
+                touched.add((set_name, key))
+
+        desired_chains = {name for frag in fragments.values() for name in frag.chains}
+        if full:
+            for name in kernel_chains:
+                if names.is_service_chain(name) and name not in desired_chains:
+                    stale.setdefault(name, now)
+            # Elements in the kernel that nobody owns any more must go too.
+            touched |= {(s, k) for s, elems in kernel_elements.items() for k in elems}
+
+        adds: dict[str, list[tuple[str, str | None]]] = {}
+        deletes: dict[str, list[tuple[str, str | None]]] = {}
+        # Copy-on-write per set: a partial sync must not pay for copying 100k untouched elements.
+        new_kernel = dict(kernel_elements)
+        copied: set[str] = set()
+
+        def writable(set_name: str) -> dict[str, str | None]:
+            if set_name not in copied:
+                new_kernel[set_name] = dict(new_kernel.get(set_name, {}))
+                copied.add(set_name)
+            return new_kernel[set_name]
+
+        for set_name, key in touched:
+            claims = owners.get((set_name, key))
+            if claims is not None and not claims:
+                del owners[(set_name, key)]
+                claims = None
+            have = kernel_elements.get(set_name, {})
+            want_present = claims is not None
+            want = self._effective(claims) if claims else None
+            if key in have and (not want_present or have[key] != want):
+                deletes.setdefault(set_name, []).append((key, None))
+                del writable(set_name)[key]
+            if want_present and (key not in have or have[key] != want):
+                adds.setdefault(set_name, []).append((key, want))
+                writable(set_name)[key] = want
+
+        # Order matters inside one transaction: chains exist before elements point at them;
+        # elements stop pointing at a chain before it is flushed; deletion comes a sync later.
+        lines += chain_lines
+        lines += self._element_lines("delete", deletes)
+        lines += self._element_lines("add", adds)
+        due = [name for name, since in stale.items() if now - since >= STALE_CHAIN_DELAY and name in kernel_chains]
+        newly_stale = [name for name in stale if name not in self._stale or full]
+        for name in sorted(newly_stale):
+            if name in kernel_chains and name not in due:
+                lines.append(f"flush chain {self.family} {TABLE} {name}")
+        for name in sorted(due):
+            lines.append(f"flush chain {self.family} {TABLE} {name}")
+            lines.append(f"delete chain {self.family} {TABLE} {name}")
+
+        if lines:
+            script = "\n".join(lines) + "\n"
+            log.debug("applying nftables transaction family=%s commands=%d", self.family, len(lines))
+            if log.isEnabledFor(logging.DEBUG - 5):
+                log.log(logging.DEBUG - 5, "transaction:\n%s", script)
+            self.nft.run(script)  # raises NftError; nothing below runs then
+
+        # Commit bookkeeping only now that the kernel holds it.
+        for name in due:
+            stale.pop(name, None)
+            kernel_chains.discard(name)
+        kernel_chains |= desired_chains | set(static_chains(self.opts)) | set(BASE_CHAINS)
+        self._kernel_chains = kernel_chains
+        self._kernel_elements = new_kernel
+        self._owners = owners
+        self._fragments = fragments
+        self._static_elements = static
+        self._stale = stale
+        self._synced_once = True
+        followup = STALE_CHAIN_DELAY if stale else None
+        return SyncOutcome(full=full, commands=len(lines), services_rendered=len(targets), followup_after=followup)
+
+    def cleanup(self) -> bool:
+        """Remove everything this backend installed (``--cleanup``); True if there was something."""
+        try:
+            return self.nft.delete_table(self.family, TABLE)
+        except NftError as exc:
+            log.error("cleanup failed family=%s error=%r", self.family, str(exc))
+            raise
+        finally:
+            self._synced_once = False

@@ -1,0 +1,285 @@
+"""nftables kernel boundary: run one transaction, read a table back, delete a table.
+
+``NftCli`` pipes text to ``nft -f -`` (one atomic transaction: the kernel applies all of it or
+nothing) and reads state with ``nft -j list table``; DESIGN.md section 3 has the measurements. With
+``netns`` set, every call runs inside that network namespace (``ip netns exec``), which is how the
+lab and the benchmarks program a namespace other than the caller's.
+
+``FakeNft`` models the kernel's table state (chains, rules, sets, map elements) for the command
+subset our renderer emits, applies transactions atomically, rejects what the kernel rejects
+(unknown chain or set, deleting a chain still referenced, deleting a missing element) and can dump
+itself as text. Both raise ``NftError`` (a ``KernelError``) and nothing else.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from kubeproxy.kernel.errors import KernelError
+
+
+class NftError(KernelError):
+    pass
+
+
+class Nft(Protocol):
+    def run(self, script: str) -> None:
+        """Apply ``script`` as one atomic transaction."""
+
+    def list_table(self, family: str, table: str) -> dict[str, Any] | None:
+        """The table as nft's JSON document, or None if it does not exist."""
+
+    def delete_table(self, family: str, table: str) -> bool:
+        """Delete the table if present; True if it existed."""
+
+
+def _nft_binary() -> str:
+    return shutil.which("nft") or shutil.which("nft", path="/usr/sbin:/sbin") or "nft"
+
+
+class NftCli:
+    def __init__(self, *, netns: str | None = None, binary: str | None = None, timeout: float = 300) -> None:
+        self._prefix = ["ip", "netns", "exec", netns] if netns else []
+        self._binary = binary or _nft_binary()
+        self._timeout = timeout
+
+    def _exec(self, args: list[str], stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+        argv = [*self._prefix, self._binary, *args]
+        try:
+            return subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=self._timeout, check=False)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise NftError(f"cannot run {' '.join(argv)}: {exc}") from exc
+
+    def run(self, script: str) -> None:
+        proc = self._exec(["-f", "-"], stdin=script)
+        if proc.returncode != 0:
+            raise NftError(f"nft -f - failed (exit {proc.returncode}): {proc.stderr.strip()[:4000]}")
+
+    def list_table(self, family: str, table: str) -> dict[str, Any] | None:
+        proc = self._exec(["-j", "list", "table", family, table])
+        if proc.returncode != 0:
+            if "No such file or directory" in proc.stderr:
+                return None
+            raise NftError(f"nft list table {family} {table} failed: {proc.stderr.strip()[:2000]}")
+        try:
+            doc: dict[str, Any] = json.loads(proc.stdout)
+        except ValueError as exc:
+            raise NftError(f"nft -j list table printed invalid JSON: {exc}") from exc
+        return doc
+
+    def delete_table(self, family: str, table: str) -> bool:
+        proc = self._exec(["delete", "table", family, table])
+        if proc.returncode == 0:
+            return True
+        if "No such file or directory" in proc.stderr:
+            return False
+        raise NftError(f"nft delete table {family} {table} failed: {proc.stderr.strip()}")
+
+    def version(self) -> str:
+        return self._exec(["--version"]).stdout.strip()
+
+
+# --------------------------------------------------------------------------------------------
+# Fake
+
+
+@dataclass
+class _Table:
+    comment: str = ""
+    sets: dict[str, str] = field(default_factory=dict)  # name -> declaration body
+    kinds: dict[str, str] = field(default_factory=dict)  # name -> "set" | "map"
+    elements: dict[str, dict[str, str | None]] = field(default_factory=dict)
+    chains: dict[str, list[str]] = field(default_factory=dict)
+    chain_specs: dict[str, str] = field(default_factory=dict)
+
+
+_CMD = re.compile(
+    r"^(?P<verb>add|flush|delete)\s+(?P<obj>table|chain|rule|set|map|element)\s+(?P<family>ip6?|inet)\s+(?P<table>\S+)"
+    r"(?:\s+(?P<name>[^\s{]+))?\s*(?P<rest>.*)$"
+)
+_REF = re.compile(r"\b(?:goto|jump)\s+(\S+)")
+
+
+def _body(rest: str) -> str:
+    rest = rest.strip()
+    if not (rest.startswith("{") and rest.endswith("}")):
+        raise NftError(f"expected {{ ... }} in {rest!r}")
+    return rest[1:-1].strip()
+
+
+class FakeNft:
+    """In-memory model of nftables tables for the commands our renderer emits."""
+
+    def __init__(self) -> None:
+        self.tables: dict[tuple[str, str], _Table] = {}
+        self.transactions: list[str] = []
+
+    def run(self, script: str) -> None:
+        work = copy.deepcopy(self.tables)
+        for lineno, raw in enumerate(script.splitlines(), 1):
+            line = raw.strip()
+            if not line or line.startswith("#"):
+                continue
+            try:
+                self._apply(work, line)
+            except NftError as exc:
+                raise NftError(f"line {lineno}: {exc}: {line}") from exc
+        self.tables = work
+        self.transactions.append(script)
+
+    def _apply(self, tables: dict[tuple[str, str], _Table], line: str) -> None:
+        m = _CMD.match(line)
+        if m is None:
+            raise NftError("unsupported command")
+        verb, obj, key = m["verb"], m["obj"], (m["family"], m["table"])
+        name, rest = m["name"], m["rest"]
+        if obj == "table":
+            if verb == "add":
+                table = tables.setdefault(key, _Table())
+                if name is not None and name.startswith("{"):
+                    rest = name + " " + rest
+                cm = re.search(r'comment "([^"]*)"', rest)
+                if cm:
+                    table.comment = cm[1]
+            elif verb == "delete":
+                if tables.pop(key, None) is None:
+                    raise NftError("No such file or directory (table)")
+            else:
+                flushed = tables.get(key)
+                if flushed is None:
+                    raise NftError("No such file or directory (table)")
+                for chain in flushed.chains:
+                    flushed.chains[chain] = []
+            return
+        found = tables.get(key)
+        if found is None:
+            raise NftError("No such file or directory (table)")
+        table = found
+        if name is None:
+            raise NftError("missing name")
+        if obj in ("set", "map"):
+            if verb == "add":
+                body = _body(rest)
+                if name in table.sets and table.sets[name] != body:
+                    raise NftError(f"set {name} exists with a different definition")
+                table.sets[name] = body
+                table.kinds[name] = obj
+                table.elements.setdefault(name, {})
+            elif verb == "flush":
+                self._need_set(table, name)
+                table.elements[name] = {}
+            else:
+                self._need_set(table, name)
+                del table.sets[name], table.kinds[name], table.elements[name]
+            return
+        if obj == "chain":
+            if verb == "add":
+                table.chains.setdefault(name, [])
+                if rest:
+                    table.chain_specs[name] = _body(rest)
+            elif verb == "flush":
+                self._need_chain(table, name)
+                table.chains[name] = []
+            else:
+                self._need_chain(table, name)
+                if table.chains[name]:
+                    raise NftError(f"Device or resource busy: chain {name} is not empty")
+                for other, rules in table.chains.items():
+                    if other != name and any(name in _REF.findall(r) for r in rules):
+                        raise NftError(f"Device or resource busy: chain {name} is referenced from {other}")
+                for elems in table.elements.values():
+                    if any(v is not None and name in _REF.findall(v) for v in elems.values()):
+                        raise NftError(f"Device or resource busy: chain {name} is referenced by a map")
+                del table.chains[name]
+                table.chain_specs.pop(name, None)
+            return
+        if obj == "rule":
+            if verb != "add":
+                raise NftError("only 'add rule' is modelled")
+            self._need_chain(table, name)
+            for target in _REF.findall(rest):
+                self._need_chain(table, target)
+            for ref in re.findall(r"@(\S+)", rest):
+                self._need_set(table, ref)
+            table.chains[name].append(rest.strip())
+            return
+        # element
+        self._need_set(table, name)
+        elems = table.elements[name]
+        for item in (i.strip() for i in _body(rest).split(",")):
+            if not item:
+                continue
+            k, _, v = item.partition(" : ")
+            k, value = k.strip(), (v.strip() or None)
+            if verb == "add":
+                if value is not None:
+                    for target in _REF.findall(value):
+                        self._need_chain(table, target)
+                if k in elems and elems[k] != value:
+                    raise NftError(f"File exists: element {k} in {name}")
+                elems[k] = value
+            elif verb == "delete":
+                if k not in elems:
+                    raise NftError(f"No such file or directory: element {k} in {name}")
+                del elems[k]
+            else:
+                raise NftError("unsupported element verb")
+
+    @staticmethod
+    def _need_chain(table: _Table, name: str) -> None:
+        if name not in table.chains:
+            raise NftError(f"No such file or directory: chain {name}")
+
+    @staticmethod
+    def _need_set(table: _Table, name: str) -> None:
+        if name not in table.sets:
+            raise NftError(f"No such file or directory: set {name}")
+
+    def list_table(self, family: str, table: str) -> dict[str, Any] | None:
+        t = self.tables.get((family, table))
+        if t is None:
+            return None
+        items: list[dict[str, Any]] = [{"table": {"family": family, "name": table, "comment": t.comment}}]
+        for chain in t.chains:
+            items.append({"chain": {"family": family, "table": table, "name": chain}})
+        for name, kind in t.kinds.items():
+            entry: dict[str, Any] = {"family": family, "table": table, "name": name}
+            elems = t.elements[name]
+            if elems:
+                entry["elem"] = [_elem_json(k, v) for k, v in elems.items()]
+            items.append({kind: entry})
+        return {"nftables": items}
+
+    def delete_table(self, family: str, table: str) -> bool:
+        return self.tables.pop((family, table), None) is not None
+
+    def dump(self) -> str:
+        """The modelled state as sorted text lines (stable for assertions)."""
+        out: list[str] = []
+        for (family, table), t in sorted(self.tables.items()):
+            out.append(f"table {family} {table}")
+            for name in sorted(t.chains):
+                out.append(f"chain {name}")
+                out.extend(f"  {r}" for r in t.chains[name])
+            for name in sorted(t.elements):
+                for k in sorted(t.elements[name]):
+                    v = t.elements[name][k]
+                    out.append(f"element {name} {k}" + (f" : {v}" if v is not None else ""))
+        return "\n".join(out) + "\n"
+
+
+def _elem_json(key: str, value: str | None) -> Any:
+    parts: list[Any] = [int(p) if p.isdigit() else p for p in key.split(" . ")]
+    k: Any = {"concat": parts} if len(parts) > 1 else parts[0]
+    if value is None:
+        return k
+    if value.startswith(("goto ", "jump ")):
+        verb, target = value.split(" ", 1)
+        return [k, {verb: {"target": target}}]
+    return [k, {value: None}]
