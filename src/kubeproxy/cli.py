@@ -1,0 +1,142 @@
+"""Command line: upstream-compatible flags (Go style: ``--v=2``, ``--masquerade-all=false``) plus our
+subcommands. Parsing only; the work happens in daemon, lab and tools.
+
+    kube-proxy [flags]          run the proxy (``--manifests DIR`` is our embedded source)
+    kube-proxy --cleanup        remove every rule we installed and exit
+    kube-proxy demo [--keep]    build the namespace lab and show real traffic (``make demo``)
+    kube-proxy render --manifests DIR --hostname-override NODE
+                                print the nftables ruleset the proxy would program (dry run)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import re
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from kubeproxy import __version__
+from kubeproxy.config import IMPLEMENTED_MODES, ConfigError, ProxyConfig, ProxyMode, parse_cluster_cidrs
+from kubeproxy.observe import logging as klog
+
+log = logging.getLogger("kubeproxy.cli")
+
+# Upstream flags we accept but do not implement yet: reported once, never silently ignored.
+_UNSUPPORTED_FLAGS = (
+    "config", "kubeconfig", "master", "write-config-to", "feature-gates", "bind-address",
+    "healthz-bind-address", "metrics-bind-address", "nodeport-addresses", "detect-local-mode",
+    "pod-bridge-interface", "pod-interface-name-prefix", "conntrack-max-per-core", "conntrack-min",
+    "conntrack-tcp-timeout-established", "conntrack-tcp-timeout-close-wait", "oom-score-adj",
+    "config-sync-period", "kube-api-qps", "kube-api-burst", "kube-api-content-type",
+    "ipvs-sync-period", "ipvs-min-sync-period", "ipvs-scheduler",
+)  # fmt: skip
+
+
+def gobool(value: str) -> bool:
+    v = value.strip().lower()
+    if v in ("1", "t", "true", "yes"):
+        return True
+    if v in ("0", "f", "false", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"invalid boolean {value!r}")
+
+
+def goduration(value: str) -> float:
+    """Go durations: ``1s``, ``500ms``, ``1m30s``, ``1h``."""
+    units = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9}
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|us|µs|ns|h|m|s)", value)
+    if not parts or "".join(n + u for n, u in parts) != value.strip():
+        raise argparse.ArgumentTypeError(f"invalid duration {value!r} (examples: 1s, 500ms, 1m30s)")
+    return sum(float(n) * units[u] for n, u in parts)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="kube-proxy",
+        allow_abbrev=False,
+        description="The Kubernetes network proxy runs on each node. It reflects Services as defined in the "
+        "Kubernetes API on each node and programs the kernel to forward traffic to their endpoints.",
+    )
+    p.add_argument("--proxy-mode", default="nftables", help="which proxy mode to use: 'nftables' (default here)")
+    p.add_argument("--manifests", type=Path, help="directory of Service/EndpointSlice/Node manifests (our source)")
+    p.add_argument("--hostname-override", default="", help="use this name instead of the hostname as node name")
+    p.add_argument("--cluster-cidr", default="", help="pod CIDR(s); traffic from outside is masqueraded")
+    p.add_argument("--masquerade-all", nargs="?", const=True, default=False, type=gobool)
+    p.add_argument("--iptables-masquerade-bit", type=int, default=14, help="packet mark bit for SNAT (0-31)")
+    p.add_argument("--iptables-min-sync-period", type=goduration, default=1.0, help="minimum sync interval (1s)")
+    p.add_argument("--iptables-sync-period", type=goduration, default=30.0, help="retry interval after failure")
+    p.add_argument("--cleanup", nargs="?", const=True, default=False, type=gobool, help="remove rules and exit")
+    p.add_argument("-v", "--v", type=int, default=0, help="log verbosity (2: syncs, 4: debug, 6: transactions)")
+    p.add_argument("--version", action="version", version=f"kube-proxy (python) v{__version__}")
+    for flag in _UNSUPPORTED_FLAGS:
+        p.add_argument(f"--{flag}", dest=f"unsupported_{flag.replace('-', '_')}", help=argparse.SUPPRESS)
+    return p
+
+
+def config_from_args(argv: Sequence[str]) -> ProxyConfig:
+    args = _parser().parse_args(list(argv))
+    for flag in _UNSUPPORTED_FLAGS:
+        if getattr(args, f"unsupported_{flag.replace('-', '_')}") is not None:
+            log.warning("flag not supported yet, ignored flag=--%s", flag)
+    try:
+        mode = ProxyMode(args.proxy_mode or "nftables")
+    except ValueError as exc:
+        raise ConfigError(f"--proxy-mode: unknown mode {args.proxy_mode!r}") from exc
+    if mode not in IMPLEMENTED_MODES:
+        raise ConfigError(f"--proxy-mode={mode.value} is not implemented yet (implemented: nftables)")
+    if not 0 <= args.iptables_masquerade_bit <= 31:
+        raise ConfigError(f"--iptables-masquerade-bit: {args.iptables_masquerade_bit} not in 0-31")
+    return ProxyConfig(
+        mode=mode,
+        manifests=args.manifests,
+        hostname_override=args.hostname_override,
+        cluster_cidrs=parse_cluster_cidrs(args.cluster_cidr),
+        masquerade_all=args.masquerade_all,
+        masquerade_bit=args.iptables_masquerade_bit,
+        min_sync_period=args.iptables_min_sync_period,
+        sync_period=args.iptables_sync_period,
+        verbosity=args.v,
+        extra={"cleanup": "true"} if args.cleanup else {},
+    )
+
+
+def _preparse_verbosity(argv: Sequence[str]) -> int:
+    for i, a in enumerate(argv):
+        for prefix in ("--v=", "-v="):
+            if a.startswith(prefix) and a[len(prefix) :].isdigit():
+                return int(a[len(prefix) :])
+        if a in ("-v", "--v") and i + 1 < len(argv) and argv[i + 1].isdigit():
+            return int(argv[i + 1])
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    klog.setup(_preparse_verbosity(argv))
+    if argv and argv[0] == "demo":
+        from kubeproxy.lab.demo import main as demo_main
+
+        return demo_main(argv[1:])
+    if argv and argv[0] == "render":
+        from kubeproxy.tools.render import main as render_main
+
+        return render_main(argv[1:])
+    from kubeproxy import daemon
+
+    try:
+        cfg = config_from_args(argv)
+        if cfg.extra.get("cleanup"):
+            return daemon.cleanup()
+        return asyncio.run(daemon.run(cfg))
+    except ConfigError as exc:
+        log.error("invalid configuration: %s", exc)
+        return 2
+    except KeyboardInterrupt:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,11 @@
+"""Network-namespace lab: a node, routed pods and an outside client on one machine (DESIGN.md section 4).
+
+Modules:
+- ``netns``: run commands and Python code inside a namespace; :class:`LabError`; lab availability.
+- ``cluster``: :class:`Lab` builds and always tears down the namespaces, veths and pod servers.
+- ``podserver``: the stdlib-only server each pod runs; answers ``"<name> <peer_ip>"``.
+- ``probe``: TCP/UDP probes from inside a namespace, classified as OK/REFUSED/TIMEOUT/...
+
+This package imports nothing at import time, so ``python -m kubeproxy.lab.podserver`` starts fast
+in every pod. The lab never touches the host's network namespace (the lab safety rule).
+"""

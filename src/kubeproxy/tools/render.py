@@ -1,0 +1,53 @@
+"""``kube-proxy render``: the nftables ruleset the proxy would program for a manifest directory.
+
+A dry run: reads the manifests exactly as the daemon does, renders with the same pure renderer,
+prints the canonical text (``--family ip|ip6``). Touches no kernel state.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from kubeproxy.backends.nftables.render import NftOptions, Ruleset, render_all
+from kubeproxy.config import parse_cluster_cidrs
+from kubeproxy.model import objects
+from kubeproxy.model.service import IPFamily, NamespacedName, family_of
+from kubeproxy.sources.manifests import ManifestDirectory
+from kubeproxy.state.snapshot import ProxyState
+
+
+def state_from_manifests(root: Path, node_name: str) -> ProxyState:
+    state = ProxyState(node_name=node_name)
+    for (kind, ns, name), obj in ManifestDirectory(root).scan().items():
+        if kind == "Service" and isinstance(obj, objects.Service):
+            state.on_service(NamespacedName(ns, name), obj)
+        elif kind == "EndpointSlice" and isinstance(obj, objects.EndpointSlice):
+            state.on_endpoint_slice((ns, name), obj)
+        elif kind == "Node" and isinstance(obj, objects.Node) and name == node_name:
+            state.on_node(obj)
+    state.services_synced = state.slices_synced = True
+    state.commit()
+    return state
+
+
+def render_state(state: ProxyState, opts: NftOptions) -> Ruleset:
+    ports = {spn: sp for per_service in state.services.values() for spn, sp in per_service.items()}
+    return render_all(ports, state.service_endpoints, opts, state.node.topology, state.node.addresses)
+
+
+def main(argv: Sequence[str]) -> int:
+    p = argparse.ArgumentParser(prog="kube-proxy render", allow_abbrev=False)
+    p.add_argument("--manifests", type=Path, required=True)
+    p.add_argument("--hostname-override", required=True)
+    p.add_argument("--cluster-cidr", default="")
+    p.add_argument("--family", choices=["ip", "ip6"], default="ip")
+    p.add_argument("--masquerade-all", action="store_true")
+    args = p.parse_args(list(argv))
+    family = IPFamily.V4 if args.family == "ip" else IPFamily.V6
+    cidrs = tuple(c for c in parse_cluster_cidrs(args.cluster_cidr) if family_of(c.split("/")[0]) is family)
+    opts = NftOptions(family=family, cluster_cidrs=cidrs, masquerade_all=args.masquerade_all)
+    sys.stdout.write(render_state(state_from_manifests(args.manifests, args.hostname_override.lower()), opts).text())
+    return 0

@@ -1,0 +1,176 @@
+"""nftables backend against the fake kernel: what each transaction contains, and recovery."""
+
+from __future__ import annotations
+
+import pytest
+
+from builders import CLUSTER_CIDR, endpoint_slice, node, service, state_with
+from kubeproxy.backends.nftables import backend as backend_mod
+from kubeproxy.backends.nftables.backend import NftablesBackend
+from kubeproxy.backends.nftables.render import NftOptions
+from kubeproxy.kernel.nft import FakeNft, NftError
+from kubeproxy.model.service import NamespacedName
+from kubeproxy.state.snapshot import ProxyState
+from kubeproxy.tools.render import render_state
+
+OPTS = NftOptions(cluster_cidrs=(CLUSTER_CIDR,))
+SVC1, SVC2 = NamespacedName("ns1", "svc1"), NamespacedName("ns1", "svc2")
+
+
+def two_services() -> ProxyState:
+    return state_with(
+        node(),
+        service("svc1", "10.96.0.10"),
+        endpoint_slice("s1", "svc1", ["10.244.1.2", "10.244.1.3"]),
+        service("svc2", "10.96.0.20"),
+        endpoint_slice("s2", "svc2", ["10.244.1.4"]),
+    )
+
+
+def kernel_matches_render(nft: FakeNft, st: ProxyState) -> None:
+    """The fake kernel holds exactly what the pure renderer says the table should be."""
+    want = FakeNft()
+    want.run(render_state(st, OPTS).text())
+    assert nft.dump() == want.dump()
+
+
+def test_first_sync_is_full_and_programs_everything() -> None:
+    st, nft = two_services(), FakeNft()
+    out = NftablesBackend(nft, OPTS).sync(st, set(), full=False)
+    assert out.full
+    kernel_matches_render(nft, st)
+
+
+def test_partial_sync_touches_only_the_changed_service() -> None:
+    st, nft = two_services(), FakeNft()
+    be = NftablesBackend(nft, OPTS)
+    be.sync(st, set(), full=True)
+    st.on_endpoint_slice(("ns1", "s1"), endpoint_slice("s1", "svc1", ["10.244.1.2"]))
+    result = st.commit()
+    out = be.sync(st, result.changed, full=False)
+    tx = nft.transactions[-1]
+    assert not out.full and out.services_rendered == 1
+    assert "svc1" in tx and "svc2" not in tx
+    assert "add table" not in tx  # no skeleton rewrite on partial syncs
+    assert "delete element ip kube-proxy hairpin-connections { 10.244.1.3 . 10.244.1.3 . tcp . 80 }" in tx
+    kernel_matches_render(nft, st)
+
+
+def test_unchanged_partial_sync_sends_nothing() -> None:
+    st, nft = two_services(), FakeNft()
+    be = NftablesBackend(nft, OPTS)
+    be.sync(st, set(), full=True)
+    n = len(nft.transactions)
+    assert be.sync(st, {SVC1}, full=False).commands == 0
+    assert len(nft.transactions) == n
+
+
+def test_removed_service_chain_is_flushed_now_and_deleted_later(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = [1000.0]
+    monkeypatch.setattr(backend_mod.time, "monotonic", lambda: clock[0])
+    st, nft = two_services(), FakeNft()
+    be = NftablesBackend(nft, OPTS)
+    be.sync(st, set(), full=True)
+    st.on_service(SVC2, None)
+    out = be.sync(st, st.commit().changed, full=False)
+    assert out.followup_after == backend_mod.STALE_CHAIN_DELAY
+    table = nft.tables[("ip", "kube-proxy")]
+    stale = [c for c in table.chains if "svc2" in c]
+    assert stale and all(table.chains[c] == [] for c in stale)
+    clock[0] += 0.5
+    be.sync(st, set(), full=False)
+    assert all(c in table.chains for c in stale)  # not yet
+    clock[0] += 1.0
+    out = be.sync(st, set(), full=False)
+    table = nft.tables[("ip", "kube-proxy")]
+    assert not [c for c in table.chains if "svc2" in c] and out.followup_after is None
+    kernel_matches_render(nft, st)
+
+
+def test_service_readded_before_deletion_keeps_its_chain() -> None:
+    st, nft = two_services(), FakeNft()
+    be = NftablesBackend(nft, OPTS)
+    be.sync(st, set(), full=True)
+    st.on_service(SVC2, None)
+    be.sync(st, st.commit().changed, full=False)
+    st.on_service(SVC2, service("svc2", "10.96.0.20"))
+    out = be.sync(st, st.commit().changed, full=False)
+    assert out.followup_after is None
+    kernel_matches_render(nft, st)
+
+
+def test_restart_converges_without_readding_unchanged_elements() -> None:
+    st, nft = two_services(), FakeNft()
+    NftablesBackend(nft, OPTS).sync(st, set(), full=True)
+    # A new process (restart) with one endpoint changed meanwhile.
+    st.on_endpoint_slice(("ns1", "s2"), endpoint_slice("s2", "svc2", ["10.244.1.5"]))
+    st.commit()
+    NftablesBackend(nft, OPTS).sync(st, set(), full=True)
+    elements = [line for line in nft.transactions[-1].splitlines() if " element " in line]
+    assert all("svc2" in line or "10.244.1.4" in line or "10.244.1.5" in line for line in elements), elements
+    kernel_matches_render(nft, st)
+
+
+def test_leftover_chains_from_an_earlier_run_are_removed_by_full_sync() -> None:
+    nft = FakeNft()
+    NftablesBackend(nft, OPTS).sync(two_services(), set(), full=True)
+    only_svc1 = state_with(
+        node(), service("svc1", "10.96.0.10"), endpoint_slice("s1", "svc1", ["10.244.1.2", "10.244.1.3"])
+    )
+    NftablesBackend(nft, OPTS).sync(only_svc1, set(), full=True)
+    table = nft.tables[("ip", "kube-proxy")]
+    assert all(table.chains[c] == [] for c in table.chains if "svc2" in c)
+    assert not any("10.96.0.20" in k for elems in table.elements.values() for k in elems)
+
+
+class FailingOnce(FakeNft):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fail_next = False
+
+    def run(self, script: str) -> None:
+        if self.fail_next:
+            self.fail_next = False
+            raise NftError("simulated kernel failure")
+        super().run(script)
+
+
+def test_failed_sync_leaves_bookkeeping_equal_to_kernel_and_full_resync_repairs() -> None:
+    st, nft = two_services(), FailingOnce()
+    be = NftablesBackend(nft, OPTS)
+    be.sync(st, set(), full=True)
+    st.on_endpoint_slice(("ns1", "s1"), endpoint_slice("s1", "svc1", ["10.244.1.9"]))
+    changed = st.commit().changed
+    nft.fail_next = True
+    with pytest.raises(NftError):
+        be.sync(st, changed, full=False)
+    be.sync(st, set(), full=True)  # what the daemon does after a failure
+    kernel_matches_render(nft, st)
+
+
+def test_two_services_claiming_one_key_first_wins_until_it_goes() -> None:
+    st = state_with(
+        node(),
+        service("aaa", "10.96.0.10"),
+        endpoint_slice("a", "aaa", ["10.244.1.2"]),
+        service("bbb", "10.96.0.10"),
+        endpoint_slice("b", "bbb", ["10.244.1.3"]),
+    )
+    nft = FakeNft()
+    be = NftablesBackend(nft, OPTS)
+    be.sync(st, set(), full=True)
+    elems = nft.tables[("ip", "kube-proxy")].elements["service-ips"]
+    assert "aaa" in str(elems["10.96.0.10 . tcp . 80"])
+    st.on_service(NamespacedName("ns1", "aaa"), None)
+    be.sync(st, st.commit().changed, full=False)
+    elems = nft.tables[("ip", "kube-proxy")].elements["service-ips"]
+    assert "bbb" in str(elems["10.96.0.10 . tcp . 80"])
+    assert "10.96.0.10" in nft.tables[("ip", "kube-proxy")].elements["cluster-ips"]
+
+
+def test_cleanup_removes_the_table() -> None:
+    nft = FakeNft()
+    be = NftablesBackend(nft, OPTS)
+    be.sync(two_services(), set(), full=True)
+    assert be.cleanup() is True
+    assert nft.list_table("ip", "kube-proxy") is None
