@@ -9,7 +9,7 @@ SYS_TOOLS := nft iptables conntrack ipset ip
 SYS_PKGS := nftables iptables conntrack ipset iproute2
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint bench sysdeps venv clean format
+.PHONY: demo test lint bench sysdeps venv clean format lock
 
 demo: sysdeps venv
 	$(VENV)/bin/kube-proxy demo
@@ -48,7 +48,8 @@ $(VENV)/.synced: pyproject.toml uv.lock
 
 venv: $(VENV)/.synced
 
-uv.lock: pyproject.toml
+# Re-resolve after editing dependencies in pyproject.toml (CI only ever installs what is locked).
+lock:
 	@command -v uv >/dev/null 2>&1 || python3 -m pip install -q uv
 	uv lock
 

@@ -52,15 +52,9 @@ BASIC_FLOWS = [
     Flow("pod to ClusterIP", POD_CLIENT, "tcp", "10.96.0.10", 80, "10.244.1.2:8080, 10.244.1.3:8080", False),
     Flow("outside to ClusterIP", OUTSIDE, "tcp", "10.96.0.10", 80, "10.244.1.2:8080, 10.244.1.3:8080", True, False),
     Flow("node to ClusterIP", NODE_IP, "tcp", "10.96.0.10", 80, "10.244.1.2:8080, 10.244.1.3:8080", True),
-    Flow(
-        "hairpin: pod to its own Service",
-        "10.244.1.2",
-        "tcp",
-        "10.96.0.10",
-        80,
-        "10.244.1.2:8080, 10.244.1.3:8080",
-        True,
-    ),
+    # Hairpin masquerade applies only when the pod lands on itself: use a one-endpoint Service.
+    Flow("hairpin: pod to its own Service", "10.244.1.4", "tcp", "10.96.0.20", 80, "10.244.1.4:8080", True),
+    Flow("pod to a Service it does not back", "10.244.1.2", "tcp", "10.96.0.20", 80, "10.244.1.4:8080", False),
     Flow("outside to NodePort", OUTSIDE, "tcp", NODE_IP, 30080, "10.244.1.4:8080", True),
     Flow("pod to NodePort", POD_CLIENT, "tcp", NODE_IP, 30080, "10.244.1.4:8080", True),
     Flow("pod to ClusterIP without endpoints", POD_CLIENT, "tcp", "10.96.0.30", 80, "REJECT", False),

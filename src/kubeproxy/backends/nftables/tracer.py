@@ -37,7 +37,11 @@ class Packet:
 
 @dataclass(frozen=True, slots=True)
 class TraceResult:
-    """``output`` is "ip:port, ip:port" (sorted), REJECT, DROP, or "" (not touched by us)."""
+    """``output`` is "ip:port, ip:port" (sorted), REJECT, DROP, or "" (not touched by us).
+
+    ``masquerade`` is True if the packet is masqueraded toward ANY of its possible targets (hairpin
+    masquerading differs per target: only a pod that lands on itself is masqueraded).
+    """
 
     output: str
     masquerade: bool

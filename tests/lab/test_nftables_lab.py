@@ -1,0 +1,244 @@
+"""nftables mode with real packets: the proxy programs a lab node's kernel and real connections
+from pods, the node itself and an outside client go where the packet-flow table says.
+
+The same ``BASIC_FLOWS`` rows the tracer checks (tests/test_nftables_tracer.py) run here for real:
+an endpoint list means every listed pod answers (and no other), REJECT means the client sees
+"connection refused", and ``masquerade`` means the pod saw a source address other than the client's.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from builders import CLUSTER_CIDR, endpoint_slice, node, service, state_with
+from flows import BASIC_FLOWS, NODE_IP, OUTSIDE, POD_CLIENT, PODS, Flow, basic_objects
+from kubeproxy.backends.nftables.backend import NftablesBackend
+from kubeproxy.backends.nftables.render import NftOptions
+from kubeproxy.kernel.nft import NftCli
+from kubeproxy.lab.cluster import Lab
+from kubeproxy.lab.netns import lab_unavailable_reason, run
+from kubeproxy.lab.probe import Outcome, spread, tcp_probe, udp_probe
+from kubeproxy.model.service import NamespacedName
+from kubeproxy.state.snapshot import ProxyState
+
+_REASON = lab_unavailable_reason()
+pytestmark = [pytest.mark.lab, pytest.mark.skipif(_REASON is not None, reason=_REASON or "")]
+
+OPTS = NftOptions(cluster_cidrs=(CLUSTER_CIDR,))
+PROBES = 24  # P(one of two pods never answers) = 2 * 2**-24
+
+
+@pytest.fixture(scope="module")
+def lab() -> Iterator[Lab]:
+    with Lab(tag=f"nft{os.getpid() % 100000}") as built:
+        for ip, name in PODS.items():
+            built.add_pod(name, ip, tcp_ports=(8080,), udp_ports=(8080,))
+        built.add_pod("client", POD_CLIENT, tcp_ports=())
+        yield built
+
+
+@pytest.fixture
+def programmed(lab: Lab) -> Iterator[tuple[Lab, NftablesBackend, ProxyState]]:
+    nft = NftCli(netns=lab.node_ns)
+    backend = NftablesBackend(nft, OPTS)
+    st = state_with(*basic_objects())
+    backend.sync(st, set(), full=True)
+    yield lab, backend, st
+    backend.cleanup()
+
+
+def source_netns(lab: Lab, source: str) -> str:
+    if source == OUTSIDE:
+        return lab.client_ns
+    if source == NODE_IP:
+        return lab.node_ns
+    if source == POD_CLIENT:
+        return lab.pods["client"].netns
+    return lab.pods[PODS[source]].netns
+
+
+def expected_pods(flow: Flow) -> set[str]:
+    return {PODS[t.strip().rsplit(":", 1)[0]] for t in flow.output.split(",")}
+
+
+@pytest.mark.parametrize("flow", [f for f in BASIC_FLOWS if f.lab], ids=lambda f: f.name)
+def test_basic_flows_with_real_packets(programmed: tuple[Lab, NftablesBackend, ProxyState], flow: Flow) -> None:
+    lab = programmed[0]
+    ns = source_netns(lab, flow.source)
+    if flow.output in ("REJECT", "DROP"):
+        probe = tcp_probe if flow.protocol == "tcp" else udp_probe
+        result = probe(ns, flow.destination, flow.port, timeout=1.0)
+        assert result.outcome is (Outcome.REFUSED if flow.output == "REJECT" else Outcome.TIMEOUT), result
+        return
+    answers = spread(ns, flow.destination, flow.port, PROBES, protocol=flow.protocol)
+    assert set(answers) == expected_pods(flow), answers
+    seen = tcp_probe(ns, flow.destination, flow.port).seen_client_ip
+    assert (seen != flow.source) is flow.masquerade, f"pod saw {seen} for a connection from {flow.source}"
+
+
+def test_udp_service(lab: Lab) -> None:
+    nft = NftCli(netns=lab.node_ns)
+    backend = NftablesBackend(nft, OPTS)
+    st = state_with(
+        node(),
+        service("dns", "10.96.0.53", ports=[{"name": "dns", "port": 53, "protocol": "UDP"}]),
+        endpoint_slice(
+            "dns-x", "dns", ["10.244.1.2", "10.244.1.3"], ports=[{"name": "dns", "port": 8080, "protocol": "UDP"}]
+        ),
+    )
+    try:
+        backend.sync(st, set(), full=True)
+        client = lab.pods["client"].netns
+        assert set(spread(client, "10.96.0.53", 53, PROBES, protocol="udp")) == {"a", "b"}
+    finally:
+        backend.cleanup()
+
+
+def test_removed_endpoint_stops_receiving_traffic(programmed: tuple[Lab, NftablesBackend, ProxyState]) -> None:
+    lab, backend, st = programmed
+    client = lab.pods["client"].netns
+    assert set(spread(client, "10.96.0.10", 80, PROBES)) == {"a", "b"}
+    st.on_endpoint_slice(
+        ("ns1", "svc1-x"), endpoint_slice("svc1-x", "svc1", ["10.244.1.3"], ports=[{"name": "http", "port": 8080}])
+    )
+    backend.sync(st, st.commit().changed, full=False)
+    assert set(spread(client, "10.96.0.10", 80, PROBES)) == {"b"}
+    # And the last one gone: refused, not hanging.
+    st.on_endpoint_slice(("ns1", "svc1-x"), None)
+    backend.sync(st, st.commit().changed, full=False)
+    assert tcp_probe(client, "10.96.0.10", 80).outcome is Outcome.REFUSED
+
+
+def rule_handles(lab: Lab, chain_part: str) -> dict[str, list[str]]:
+    listing = run(["nft", "-a", "list", "table", "ip", "kube-proxy"], netns=lab.node_ns).stdout
+    out: dict[str, list[str]] = {}
+    current = None
+    for line in listing.splitlines():
+        s = line.strip()
+        if s.startswith("chain "):
+            current = s.split()[1] if chain_part in s else None
+        elif current and "# handle" in s:
+            out.setdefault(current, []).append(s.rsplit("# handle", 1)[1].strip())
+    return out
+
+
+def test_partial_sync_leaves_other_services_chains_untouched(
+    programmed: tuple[Lab, NftablesBackend, ProxyState],
+) -> None:
+    lab, backend, st = programmed
+    before_svc2 = rule_handles(lab, "/svc2/")
+    before_svc1 = rule_handles(lab, "/svc1/")
+    assert before_svc2 and before_svc1
+    st.on_endpoint_slice(
+        ("ns1", "svc1-x"), endpoint_slice("svc1-x", "svc1", ["10.244.1.2"], ports=[{"name": "http", "port": 8080}])
+    )
+    out = backend.sync(st, st.commit().changed, full=False)
+    assert not out.full
+    assert rule_handles(lab, "/svc2/") == before_svc2  # same rules, same kernel handles
+    assert rule_handles(lab, "/svc1/") != before_svc1  # the changed one was rewritten
+    assert set(spread(lab.pods["client"].netns, "10.96.0.20", 80, 4)) == {"c"}
+
+
+def test_restart_keeps_traffic_flowing_and_converges(programmed: tuple[Lab, NftablesBackend, ProxyState]) -> None:
+    lab, _backend, st = programmed
+    # A new process (restart): its first full sync must not disturb existing rules or elements.
+    fresh = NftablesBackend(NftCli(netns=lab.node_ns), OPTS)
+    fresh.sync(st, set(), full=True)
+    assert set(spread(lab.pods["client"].netns, "10.96.0.10", 80, PROBES)) == {"a", "b"}
+
+
+# --- the daemon end to end: manifests directory -> real process -> kernel -> traffic ----------
+
+SERVICES = """\
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: ns1}
+spec:
+  clusterIP: 10.96.0.10
+  ports: [{name: http, port: 80}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: broken, namespace: ns1}
+spec:
+  clusterIP: 10.96.0.99
+  ports: [{name: http, port: "eighty"}]
+"""
+
+SLICE = """\
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-1, namespace: ns1, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{name: http, port: 8080}]
+endpoints:
+{endpoints}
+"""
+
+
+def _slice(*ips: str) -> str:
+    return SLICE.replace("{endpoints}", "\n".join(f"- addresses: [{ip}]\n  nodeName: node1" for ip in ips))
+
+
+def _wait(predicate: object, timeout: float = 15.0) -> bool:
+    assert callable(predicate)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_daemon_from_manifests_programs_node_and_follows_changes(lab: Lab, tmp_path: Path) -> None:
+    manifests = tmp_path / "manifests"
+    manifests.mkdir()
+    (manifests / "services.yaml").write_text(SERVICES)
+    (manifests / "garbage.yaml").write_text("kind: Service\nmetadata: {name: [unterminated\n")
+    (manifests / "slice.yaml").write_text(_slice("10.244.1.2", "10.244.1.3"))
+    log = tmp_path / "proxy.log"
+    client = lab.pods["client"].netns
+    proc = lab.spawn(
+        lab.node_ns,
+        [sys.executable, "-m", "kubeproxy", f"--manifests={manifests}", "--hostname-override=node1",
+         f"--cluster-cidr={CLUSTER_CIDR}", "--v=2", "--iptables-min-sync-period=100ms"],
+        log_path=str(log),
+    )  # fmt: skip
+    try:
+        assert _wait(lambda: set(spread(client, "10.96.0.10", 80, 8)) == {"a", "b"}), log.read_text()
+        text = log.read_text()
+        # Bad input is named and skipped; everything else is programmed.
+        assert (
+            "garbage.yaml" in text
+            and "ns1/broken" in text
+            and "eighty" not in "".join(spread(client, "10.96.0.99", 80, 1))
+        )
+        (manifests / "slice.yaml").write_text(_slice("10.244.1.4"))
+        assert _wait(lambda: set(spread(client, "10.96.0.10", 80, 8)) == {"c"}), log.read_text()
+        # SIGTERM: the process exits and the rules stay (traffic keeps flowing during restarts).
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0, log.read_text()
+        assert set(spread(client, "10.96.0.10", 80, 4)) == {"c"}
+        # --cleanup removes everything we installed.
+        subprocess.run(
+            ["ip", "netns", "exec", lab.node_ns, sys.executable, "-m", "kubeproxy", "--cleanup"], check=True, timeout=30
+        )
+        assert run(["nft", "list", "tables"], netns=lab.node_ns).stdout.strip() == ""
+        assert tcp_probe(client, "10.96.0.10", 80, timeout=0.5).outcome is not Outcome.OK
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_nothing_is_programmed_before_the_initial_state_is_complete() -> None:
+    st = ProxyState(node_name="node1")
+    st.on_service(NamespacedName("ns1", "svc1"), service("svc1", "10.96.0.10"))
+    assert not st.is_initialized  # the daemon's sync() returns without touching the kernel then
