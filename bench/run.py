@@ -1,0 +1,190 @@
+"""``make bench``: synthetic N Services x M endpoints through the real nftables backend.
+
+For each size: state ingest (decoded objects -> trackers -> commit), pure render of the whole
+table, cold full sync into an empty network namespace (render + one ``nft -f`` transaction; the
+``nft`` share is shown separately), a one-endpoint partial sync (median of 5), and peak RSS of this
+process and of its ``nft`` children. Prints a table and writes bench/results/nftables-<date>.json
+with machine info. Needs root (it creates, and always deletes, a private network namespace).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from kubeproxy.backends.nftables.backend import NftablesBackend
+from kubeproxy.backends.nftables.render import NftOptions
+from kubeproxy.kernel.nft import NftCli
+from kubeproxy.model import objects
+from kubeproxy.model.service import NamespacedName
+from kubeproxy.state.snapshot import ProxyState
+from kubeproxy.tools.render import render_state
+
+SIZES = [(1000, 10), (10000, 10)]
+OPTS = NftOptions(cluster_cidrs=("10.244.0.0/16",))
+EP_BASE = int(ipaddress.ip_address("10.128.0.0"))
+
+
+class TimedNft(NftCli):
+    def __init__(self, netns: str) -> None:
+        super().__init__(netns=netns)
+        self.last_run = 0.0
+
+    def run(self, script: str) -> None:
+        start = time.perf_counter()
+        super().run(script)
+        self.last_run = time.perf_counter() - start
+
+
+def make_objects(n: int, m: int) -> tuple[list[objects.Service], list[objects.EndpointSlice]]:
+    services, slices = [], []
+    for i in range(n):
+        name = f"svc-{i}"
+        meta = objects.ObjectMeta(name=name, namespace="bench")
+        cip = str(ipaddress.ip_address(int(ipaddress.ip_address("10.96.0.0")) + i + 1))
+        services.append(
+            objects.Service(
+                metadata=meta,
+                spec=objects.ServiceSpec(
+                    type="NodePort" if i % 10 == 0 else "ClusterIP",
+                    clusterIP=cip,
+                    ports=[objects.ServicePortSpec(name="http", port=80, nodePort=30000 + i if i % 10 == 0 else 0)],
+                ),
+            )
+        )
+        eps = [
+            objects.SliceEndpoint(
+                addresses=[str(ipaddress.ip_address(EP_BASE + i * m + j))],
+                conditions=objects.EndpointConditions(ready=True),
+                nodeName="node1" if j == 0 else "node2",
+            )
+            for j in range(m)
+        ]
+        slices.append(
+            objects.EndpointSlice(
+                metadata=objects.ObjectMeta(
+                    name=f"{name}-abc", namespace="bench", labels={objects.SERVICE_NAME_LABEL: name}
+                ),
+                addressType="IPv4",
+                endpoints=eps,
+                ports=[objects.SlicePort(name="http", port=8080, protocol="TCP")],
+            )
+        )
+    return services, slices
+
+
+def bench_size(n: int, m: int, netns: str) -> dict[str, Any]:
+    services, slices = make_objects(n, m)
+    node = objects.Node(
+        metadata=objects.ObjectMeta(name="node1"),
+        status=objects.NodeStatus(addresses=[objects.NodeAddress(type="InternalIP", address="192.168.50.1")]),
+    )
+    t0 = time.perf_counter()
+    st = ProxyState(node_name="node1")
+    st.on_node(node)
+    for svc in services:
+        st.on_service(NamespacedName("bench", svc.metadata.name), svc)
+    for es in slices:
+        st.on_endpoint_slice(("bench", es.metadata.name), es)
+    st.services_synced = st.slices_synced = True
+    st.commit()
+    ingest = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    text = render_state(st, OPTS).text()
+    render = time.perf_counter() - t0
+
+    nft = TimedNft(netns)
+    backend = NftablesBackend(nft, OPTS)
+    t0 = time.perf_counter()
+    backend.sync(st, set(), full=True)
+    cold = time.perf_counter() - t0
+    cold_nft = nft.last_run
+
+    partial, partial_nft = [], []
+    target = slices[n // 2]
+    for k in range(5):
+        eps = list(target.endpoints or [])
+        eps[-1] = objects.SliceEndpoint(
+            addresses=[str(ipaddress.ip_address(EP_BASE + n * m + 1 + k))],
+            conditions=objects.EndpointConditions(ready=True),
+            nodeName="node2",
+        )
+        changed = objects.EndpointSlice(metadata=target.metadata, addressType="IPv4", endpoints=eps, ports=target.ports)
+        t0 = time.perf_counter()
+        st.on_endpoint_slice(("bench", target.metadata.name), changed)
+        backend.sync(st, st.commit().changed, full=False)
+        partial.append(time.perf_counter() - t0)
+        partial_nft.append(nft.last_run)
+
+    t0 = time.perf_counter()
+    NftablesBackend(TimedNft(netns), OPTS).sync(st, set(), full=True)
+    restart = time.perf_counter() - t0
+    backend.cleanup()
+    return {
+        "services": n,
+        "endpoints_per_service": m,
+        "ruleset_lines": text.count("\n"),
+        "ingest_s": round(ingest, 3),
+        "render_s": round(render, 3),
+        "cold_full_sync_s": round(cold, 3),
+        "cold_full_sync_nft_s": round(cold_nft, 3),
+        "partial_one_endpoint_s_p50": round(statistics.median(partial), 4),
+        "partial_one_endpoint_nft_s_p50": round(statistics.median(partial_nft), 4),
+        "restart_full_sync_s": round(restart, 3),
+        "peak_rss_self_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_rss_nft_children_mb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1),
+    }
+
+
+def machine() -> dict[str, Any]:
+    nft_version = subprocess.run(["nft", "--version"], capture_output=True, text=True, check=False).stdout.strip()
+    return {
+        "python": platform.python_version(),
+        "kernel": platform.release(),
+        "cpus": os.cpu_count(),
+        "nft": nft_version,
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+
+
+def main() -> int:
+    if os.geteuid() != 0:
+        print("make bench needs root: it loads rulesets into a private network namespace", file=sys.stderr)
+        return 1
+    netns = f"kpbench-{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", netns], check=True)
+    rows = []
+    try:
+        for n, m in SIZES:
+            rows.append(bench_size(n, m, netns))
+    finally:
+        subprocess.run(["ip", "netns", "delete", netns], check=False)
+    cols = [
+        ("services", "svc"), ("ruleset_lines", "lines"), ("ingest_s", "ingest s"), ("render_s", "render s"),
+        ("cold_full_sync_s", "cold sync s"), ("cold_full_sync_nft_s", "(nft s)"),
+        ("partial_one_endpoint_s_p50", "1-ep partial s"), ("partial_one_endpoint_nft_s_p50", "(nft s)"),
+        ("restart_full_sync_s", "restart s"), ("peak_rss_self_mb", "RSS MB"),
+        ("peak_rss_nft_children_mb", "nft RSS MB"),
+    ]  # fmt: skip
+    print("nftables backend, N Services x 10 endpoints (one transaction per sync)")
+    print("  ".join(f"{title:>14}" for _, title in cols))
+    for row in rows:
+        print("  ".join(f"{row[key]!s:>14}" for key, _ in cols))
+    out = Path(__file__).parent / "results" / f"nftables-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.write_text(json.dumps({"machine": machine(), "results": rows}, indent=2) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
