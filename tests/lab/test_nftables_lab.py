@@ -26,7 +26,6 @@ from kubeproxy.kernel.nft import NftCli
 from kubeproxy.lab.cluster import Lab
 from kubeproxy.lab.netns import lab_unavailable_reason, run
 from kubeproxy.lab.probe import Outcome, spread, tcp_probe, udp_probe
-from kubeproxy.model.service import NamespacedName
 from kubeproxy.state.snapshot import ProxyState
 
 _REASON = lab_unavailable_reason()
@@ -236,9 +235,3 @@ def test_daemon_from_manifests_programs_node_and_follows_changes(lab: Lab, tmp_p
     finally:
         if proc.poll() is None:
             proc.kill()
-
-
-def test_nothing_is_programmed_before_the_initial_state_is_complete() -> None:
-    st = ProxyState(node_name="node1")
-    st.on_service(NamespacedName("ns1", "svc1"), service("svc1", "10.96.0.10"))
-    assert not st.is_initialized  # the daemon's sync() returns without touching the kernel then

@@ -1,0 +1,137 @@
+"""Daemon and runner behaviour with the fake kernel: initial-sync gating, coalescing, minimum
+interval, failure -> retry with a full sync. Asserts counts and order, never wall-clock time."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from builders import endpoint_slice, node, service
+from kubeproxy.config import ProxyConfig
+from kubeproxy.daemon import Proxy, build_backends
+from kubeproxy.kernel.nft import FakeNft, NftError
+from kubeproxy.runner import SyncRunner
+from kubeproxy.sources.events import Change, ChangeType, ObjectKey
+
+
+def change(obj: object, kind: str, ns: str, name: str) -> Change:
+    return Change(ChangeType.ADDED, ObjectKey(kind, ns, name), None, obj)  # type: ignore[arg-type]
+
+
+class FlakyNft(FakeNft):
+    def __init__(self) -> None:
+        super().__init__()
+        self.failures_left = 0
+
+    def run(self, script: str) -> None:
+        if self.failures_left:
+            self.failures_left -= 1
+            raise NftError("simulated failure")
+        super().run(script)
+
+
+def make_proxy(nft: FakeNft) -> Proxy:
+    cfg = ProxyConfig(manifests=Path(), hostname_override="node1", cluster_cidrs=("10.244.0.0/16",))
+    return Proxy(cfg, build_backends(cfg, nft))
+
+
+def test_nothing_is_programmed_before_initial_lists_are_complete() -> None:
+    async def scenario() -> None:
+        nft = FakeNft()
+        proxy = make_proxy(nft)
+        proxy.on_change(change(service("svc1", "10.96.0.10"), "Service", "ns1", "svc1"))
+        await proxy.sync()
+        assert nft.transactions == [] and nft.tables == {}
+        proxy.on_change(change(endpoint_slice("s1", "svc1", ["10.244.1.2"]), "EndpointSlice", "ns1", "s1"))
+        proxy.state.services_synced = proxy.state.slices_synced = True
+        await proxy.sync()
+        assert ("ip", "kube-proxy") in nft.tables and ("ip6", "kube-proxy") in nft.tables
+
+    asyncio.run(scenario())
+
+
+def test_other_nodes_are_ignored_and_own_node_feeds_nodeports() -> None:
+    async def scenario() -> None:
+        nft = FakeNft()
+        proxy = make_proxy(nft)
+        proxy.on_change(change(node("node2", "192.168.50.2"), "Node", "", "node2"))
+        proxy.on_change(change(node("node1", "192.168.50.1"), "Node", "", "node1"))
+        proxy.state.services_synced = proxy.state.slices_synced = True
+        await proxy.sync()
+        assert set(nft.tables[("ip", "kube-proxy")].elements["nodeport-ips"]) == {"192.168.50.1"}
+
+    asyncio.run(scenario())
+
+
+def test_failed_sync_is_retried_as_a_full_sync() -> None:
+    async def scenario() -> None:
+        nft = FlakyNft()
+        proxy = make_proxy(nft)
+        proxy.state.services_synced = proxy.state.slices_synced = True
+        await proxy.sync()  # initial full sync
+        proxy.on_change(change(service("svc1", "10.96.0.10"), "Service", "ns1", "svc1"))
+        nft.failures_left = 1
+        try:
+            await proxy.sync()
+        except NftError:
+            pass
+        else:
+            raise AssertionError("the sync should have failed")
+        before = len(nft.transactions)
+        await proxy.sync()
+        retried = nft.transactions[before:]
+        assert any(t.startswith("add table ip kube-proxy") for t in retried)  # full: skeleton rewritten
+        assert "10.96.0.10" in nft.tables[("ip", "kube-proxy")].elements["cluster-ips"]
+
+    asyncio.run(scenario())
+
+
+def test_runner_coalesces_requests_and_respects_min_interval() -> None:
+    async def scenario() -> None:
+        calls: list[int] = []
+
+        async def fn() -> float | None:
+            calls.append(1)
+            return None
+
+        runner = SyncRunner(fn, min_interval=0.3, retry_interval=10)
+        stop = asyncio.Event()
+        task = asyncio.create_task(runner.run(stop))
+        for _ in range(20):  # a burst of requests within the minimum interval
+            runner.request()
+            await asyncio.sleep(0.005)
+        await asyncio.sleep(0.05)
+        stop.set()
+        await task
+        # The first request runs at once; the rest of the burst coalesces into at most one more
+        # run, which the minimum interval holds back until after the burst.
+        assert 1 <= len(calls) <= 2
+
+    asyncio.run(scenario())
+
+
+def test_runner_retries_after_failure_and_honours_followup() -> None:
+    async def scenario() -> None:
+        outcomes: list[str] = []
+
+        async def fn() -> float | None:
+            outcomes.append("run")
+            if len(outcomes) == 1:
+                raise RuntimeError("boom")
+            if len(outcomes) == 2:
+                return 0.01  # ask to run again soon (stale chain deletion)
+            return None
+
+        runner = SyncRunner(fn, min_interval=0.0, retry_interval=0.01)
+        stop = asyncio.Event()
+        task = asyncio.create_task(runner.run(stop))
+        runner.request()
+        for _ in range(200):
+            if len(outcomes) >= 3:
+                break
+            await asyncio.sleep(0.01)
+        stop.set()
+        await task
+        assert len(outcomes) == 3 and runner.failures == 1  # failed, retried without a request, follow-up
+
+    asyncio.run(scenario())
