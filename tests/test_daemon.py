@@ -135,3 +135,11 @@ def test_runner_retries_after_failure_and_honours_followup() -> None:
         assert len(outcomes) == 3 and runner.failures == 1  # failed, retried without a request, follow-up
 
     asyncio.run(scenario())
+
+
+def test_startup_misconfiguration_is_one_clear_error_and_exit_2(tmp_path: Path) -> None:
+    from kubeproxy.cli import main
+
+    assert main([f"--manifests={tmp_path / 'missing'}", "--hostname-override=node1"]) == 2
+    assert main(["--proxy-mode=userspace", f"--manifests={tmp_path}"]) == 2
+    assert main(["--cluster-cidr=10.0.0.0/8,10.1.0.0/16", f"--manifests={tmp_path}"]) == 2

@@ -125,13 +125,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return render_main(argv[1:])
     from kubeproxy import daemon
+    from kubeproxy.sources.manifests import ManifestError
 
     try:
         cfg = config_from_args(argv)
         if cfg.extra.get("cleanup"):
             return daemon.cleanup()
         return asyncio.run(daemon.run(cfg))
-    except ConfigError as exc:
+    except (ConfigError, ManifestError) as exc:
         log.error("invalid configuration: %s", exc)
         return 2
     except KeyboardInterrupt:
