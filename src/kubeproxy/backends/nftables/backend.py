@@ -159,57 +159,59 @@ class NftablesBackend:
         full = full or not self._synced_once
         now = time.monotonic()
         lines: list[str] = []
-        owners = {k: dict(v) for k, v in self._owners.items()} if not full else {}
-        kernel_elements = self._kernel_elements if not full else {}
-        kernel_chains = set(self._kernel_chains)
         stale = dict(self._stale)
         chain_lines: list[str] = []
+        written_chains: set[str] = set()
 
+        # A partial sync must cost what changed, not what the table holds: changes are staged in
+        # small overlays (per element key, per Service) over our records and merged into them only
+        # after the kernel accepted the transaction. A full sync starts from an empty record and
+        # from what the kernel really holds.
         if full:
             kernel_chains, kernel_elements = parse_table(self.nft.list_table(self.family, TABLE))
             lines += self._skeleton()
             targets: Collection[NamespacedName] = sorted(state.services)
-            old_fragments: dict[NamespacedName, Fragment] = {}
-            fragments: dict[NamespacedName, Fragment] = {}
+            base_owners: dict[ElemKey, dict[Owner, str | None]] = {}
+            base_fragments: dict[NamespacedName, Fragment] = {}
+            old_static: frozenset[Element] = frozenset()
         else:
+            kernel_chains, kernel_elements = self._kernel_chains, self._kernel_elements
             targets = sorted(set(changed))
-            old_fragments = self._fragments
-            fragments = dict(self._fragments)
+            base_owners, base_fragments, old_static = self._owners, self._fragments, self._static_elements
+        owner_updates: dict[ElemKey, dict[Owner, str | None]] = {}
+        fragment_updates: dict[NamespacedName, Fragment] = {}
 
-        touched: set[ElemKey] = set()
+        def claims(key: ElemKey) -> dict[Owner, str | None]:
+            if key not in owner_updates:
+                owner_updates[key] = dict(base_owners.get(key, {}))
+            return owner_updates[key]
+
         static = render_static_elements(state.node.addresses, self.opts)
-        old_static = frozenset() if full else self._static_elements
         for set_name, key, _value in old_static - static:
-            owners[(set_name, key)].pop(None, None)
-            touched.add((set_name, key))
+            claims((set_name, key)).pop(None, None)
         for set_name, key, value in static:
-            owners.setdefault((set_name, key), {})[None] = value
-            touched.add((set_name, key))
+            claims((set_name, key))[None] = value
 
         for svc in targets:
             new = self._fragment(state, svc)
-            old = old_fragments.get(svc, EMPTY)
-            if new is EMPTY:
-                fragments.pop(svc, None)
-            else:
-                fragments[svc] = new
+            old = base_fragments.get(svc, EMPTY)
+            fragment_updates[svc] = new
             for name, rules in new.chains.items():
                 if full or old.chains.get(name) != rules or name not in kernel_chains:
                     chain_lines += self._chain_lines(name, rules)
+                    written_chains.add(name)
                 stale.pop(name, None)
             for name in old.chains.keys() - new.chains.keys():
                 stale.setdefault(name, now)
             for set_name, key, _value in old.elements - new.elements:
-                owners[(set_name, key)].pop(svc, None)
-                touched.add((set_name, key))
+                claims((set_name, key)).pop(svc, None)
             for set_name, key, value in new.elements:
-                owners.setdefault((set_name, key), {})[svc] = value
-                touched.add((set_name, key))
+                claims((set_name, key))[svc] = value
 
-        desired_chains = {name for frag in fragments.values() for name in frag.chains}
+        touched: set[ElemKey] = set(owner_updates)
         if full:
             for name in kernel_chains:
-                if names.is_service_chain(name) and name not in desired_chains:
+                if names.is_service_chain(name) and name not in written_chains:
                     stale.setdefault(name, now)
             # Elements in the kernel that nobody owns any more must go too.
             touched |= {(s, k) for s, elems in kernel_elements.items() for k in elems}
@@ -227,17 +229,13 @@ class NftablesBackend:
             return new_kernel[set_name]
 
         for set_name, key in touched:
-            claims = owners.get((set_name, key))
-            if claims is not None and not claims:
-                del owners[(set_name, key)]
-                claims = None
+            owners = owner_updates.get((set_name, key), base_owners.get((set_name, key)))
             have = kernel_elements.get(set_name, {})
-            want_present = claims is not None
-            want = self._effective(claims) if claims else None
-            if key in have and (not want_present or have[key] != want):
+            want = self._effective(owners) if owners else None
+            if key in have and (not owners or have[key] != want):
                 deletes.setdefault(set_name, []).append((key, None))
                 del writable(set_name)[key]
-            if want_present and (key not in have or have[key] != want):
+            if owners and (key not in have or have[key] != want):
                 adds.setdefault(set_name, []).append((key, want))
                 writable(set_name)[key] = want
 
@@ -263,14 +261,24 @@ class NftablesBackend:
             self.nft.run(script)  # raises NftError; nothing below runs then
 
         # Commit bookkeeping only now that the kernel holds it.
+        if full:
+            self._kernel_chains = set(kernel_chains) | set(static_chains(self.opts)) | set(BASE_CHAINS)
+            self._owners, self._fragments = {}, {}
+        self._kernel_chains |= written_chains
         for name in due:
             stale.pop(name, None)
-            kernel_chains.discard(name)
-        kernel_chains |= desired_chains | set(static_chains(self.opts)) | set(BASE_CHAINS)
-        self._kernel_chains = kernel_chains
+            self._kernel_chains.discard(name)
+        for elem_key, elem_owners in owner_updates.items():
+            if elem_owners:
+                self._owners[elem_key] = elem_owners
+            else:
+                self._owners.pop(elem_key, None)
+        for svc, frag in fragment_updates.items():
+            if frag is EMPTY:
+                self._fragments.pop(svc, None)
+            else:
+                self._fragments[svc] = frag
         self._kernel_elements = new_kernel
-        self._owners = owners
-        self._fragments = fragments
         self._static_elements = static
         self._stale = stale
         self._synced_once = True
