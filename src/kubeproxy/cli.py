@@ -99,7 +99,7 @@ def config_from_args(argv: Sequence[str]) -> ProxyConfig:
         min_sync_period=args.iptables_min_sync_period,
         sync_period=args.iptables_sync_period,
         verbosity=args.v,
-        extra={"cleanup": "true"} if args.cleanup else {},
+        cleanup=args.cleanup,
     )
 
 
@@ -129,7 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         cfg = config_from_args(argv)
-        if cfg.extra.get("cleanup"):
+        if cfg.cleanup:
             return daemon.cleanup()
         return asyncio.run(daemon.run(cfg))
     except (ConfigError, ManifestError) as exc:

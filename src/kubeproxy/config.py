@@ -9,7 +9,7 @@ from __future__ import annotations
 import enum
 import ipaddress
 import socket
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 
@@ -38,7 +38,7 @@ class ProxyConfig:
     sync_period: float = 30.0
     full_sync_period: float = 3600.0
     verbosity: int = 0
-    extra: dict[str, str] = field(default_factory=dict)
+    cleanup: bool = False  # --cleanup: remove our rules and exit
 
     @property
     def node_name(self) -> str:

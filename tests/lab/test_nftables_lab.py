@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -187,8 +187,7 @@ def _slice(*ips: str) -> str:
     return SLICE.replace("{endpoints}", "\n".join(f"- addresses: [{ip}]\n  nodeName: node1" for ip in ips))
 
 
-def _wait(predicate: object, timeout: float = 15.0) -> bool:
-    assert callable(predicate)
+def _wait(predicate: Callable[[], bool], timeout: float = 15.0) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():

@@ -14,7 +14,6 @@ reported their initial list complete; the daemon programs nothing before that.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from kubeproxy.model import objects
@@ -196,9 +195,3 @@ class ProxyState:
     def service_endpoints(self, svc: ServicePort) -> tuple[Endpoint, ...]:
         per_port = self.endpoints.get(svc.name.service, {})
         return per_port.get((svc.name.port, svc.name.protocol), ())
-
-    def ports_of(self, services: Iterable[NamespacedName]) -> Mapping[ServicePortName, ServicePort]:
-        out: dict[ServicePortName, ServicePort] = {}
-        for key in services:
-            out.update(self.services.get(key, {}))
-        return out

@@ -34,8 +34,7 @@ def state_from_manifests(root: Path, node_name: str) -> ProxyState:
 
 
 def render_state(state: ProxyState, opts: NftOptions) -> Ruleset:
-    ports = {spn: sp for per_service in state.services.values() for spn, sp in per_service.items()}
-    return render_all(ports, state.service_endpoints, opts, state.node.topology, state.node.addresses)
+    return render_all(state.services, state.service_endpoints, opts, state.node.topology, state.node.addresses)
 
 
 def main(argv: Sequence[str]) -> int:

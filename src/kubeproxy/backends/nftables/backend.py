@@ -28,7 +28,6 @@ from kubeproxy.backends.nftables.render import (
     BASE_CHAINS,
     EMPTY,
     TABLE,
-    TABLE_COMMENT,
     Element,
     Fragment,
     NftOptions,
@@ -38,6 +37,7 @@ from kubeproxy.backends.nftables.render import (
     render_service,
     render_static_elements,
     static_chains,
+    table_commands,
 )
 from kubeproxy.kernel.nft import Nft, NftError
 from kubeproxy.model.service import NamespacedName
@@ -111,10 +111,7 @@ class NftablesBackend:
     # -- helpers -----------------------------------------------------------------------------
     def _skeleton(self) -> list[str]:
         fam = self.family
-        lines = [f'add table {fam} {TABLE} {{ comment "{TABLE_COMMENT}" ; }}']
-        for name, body in sorted(declarations(self.opts).items()):
-            kind = "map" if ":" in body.split(";")[0] else "set"
-            lines.append(f"add {kind} {fam} {TABLE} {name} {{ {body} ; }}")
+        lines = table_commands(fam, declarations(self.opts))
         chains = static_chains(self.opts)
         # Create every chain first: rules may jump to chains that come later alphabetically.
         lines += [chain_add_command(fam, name) for name in sorted(chains)]

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 from kubeproxy.backends.nftables import names
 from kubeproxy.model.endpoint import Endpoint
-from kubeproxy.model.service import IPFamily, ServicePort, ServicePortName, family_of
+from kubeproxy.model.service import IPFamily, NamespacedName, ServicePort, ServicePortName, family_of
 from kubeproxy.state.topology import NodeTopology, categorize
 
 TABLE = "kube-proxy"
@@ -115,10 +115,7 @@ class Ruleset:
     def text(self) -> str:
         """Canonical nft script: table, sets/maps, chains, rules (chain order kept), sorted elements."""
         fam = self.family
-        out = [f'add table {fam} {TABLE} {{ comment "{TABLE_COMMENT}" ; }}']
-        for name in sorted(self.declarations):
-            kind = "map" if ":" in self.declarations[name].split(";")[0] else "set"
-            out.append(f"add {kind} {fam} {TABLE} {name} {{ {self.declarations[name]} ; }}")
+        out = table_commands(fam, self.declarations)
         for name in sorted(self.chains):
             out.append(chain_add_command(fam, name))
         for name in sorted(self.chains):
@@ -127,6 +124,15 @@ class Ruleset:
             for key in sorted(self.elements[name]):
                 out.append(element_command("add", fam, name, key, self.elements[name][key]))
         return "\n".join(out) + "\n"
+
+
+def table_commands(family: str, decls: Mapping[str, str]) -> list[str]:
+    """``add table`` and one ``add set``/``add map`` per declaration (a map's type has a ':')."""
+    out = [f'add table {family} {TABLE} {{ comment "{TABLE_COMMENT}" ; }}']
+    for name in sorted(decls):
+        kind = "map" if ":" in decls[name].split(";")[0] else "set"
+        out.append(f"add {kind} {family} {TABLE} {name} {{ {decls[name]} ; }}")
+    return out
 
 
 def chain_add_command(family: str, name: str) -> str:
@@ -321,15 +327,12 @@ def assemble(
 
 
 def render_all(
-    services: Mapping[ServicePortName, ServicePort],
+    services: Mapping[NamespacedName, Mapping[ServicePortName, ServicePort]],
     endpoints_of: Callable[[ServicePort], Sequence[Endpoint]],
     opts: NftOptions,
     node: NodeTopology,
     node_addresses: Sequence[str],
 ) -> Ruleset:
     """The whole table for a state (golden tests, dry-run, the tracer)."""
-    by_service: dict[tuple[str, str], list[ServicePort]] = {}
-    for spn, svc in services.items():
-        by_service.setdefault((spn.namespace, spn.name), []).append(svc)
-    fragments = [render_service(by_service[k], endpoints_of, opts, node) for k in sorted(by_service)]
+    fragments = [render_service(services[k].values(), endpoints_of, opts, node) for k in sorted(services)]
     return assemble(opts, render_static_elements(node_addresses, opts), fragments)

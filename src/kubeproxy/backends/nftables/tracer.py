@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from kubeproxy.backends.nftables.render import Ruleset
@@ -58,16 +58,15 @@ class _Ctx:
     mark: int = 0
     dnatted: bool = False
     targets: list[tuple[str, int]] = field(default_factory=list)
-    verdict: str | None = None
     matched: list[str] = field(default_factory=list)
 
     def key(self, *parts: str | int) -> str:
         return " . ".join(str(p) for p in parts)
 
-    def elems(self, name: str) -> dict[str, str | None]:
+    def elems(self, name: str) -> Mapping[str, str | None]:
         if name not in self.ruleset.elements:
             raise TraceError(f"unknown set or map @{name}")
-        return dict(self.ruleset.elements[name])
+        return self.ruleset.elements[name]
 
 
 def _in_cidrs(ip: str, spec: str) -> bool:
@@ -177,7 +176,7 @@ def trace(ruleset: Ruleset, packet: Packet, node_ips: Sequence[str]) -> TraceRes
         ctx.dnatted = True
     # Filter runs on the (possibly translated) packet; check one representative destination per
     # target, since all targets of one dispatch share their filter outcome (none is a local IP).
-    dests = [(ip, port) for ip, port in targets] or [(packet.destination, packet.port)]
+    dests = targets or [(packet.destination, packet.port)]
     masq = False
     for ip, port in dests:
         ctx.daddr, ctx.dport = ip, port
