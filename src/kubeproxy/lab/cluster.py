@@ -50,7 +50,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType, TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import kubeproxy
 from kubeproxy.lab.netns import (
@@ -231,6 +231,17 @@ def _one_address(text: str, version: int, what: str) -> str:
     return str(addr)
 
 
+_Net = TypeVar("_Net", ipaddress.IPv4Network, ipaddress.IPv6Network)
+
+
+def _one_network(text: str, cls: type[_Net], what: str) -> _Net:
+    try:
+        return cls(text)
+    except ValueError as exc:
+        version = 4 if cls is ipaddress.IPv4Network else 6
+        raise LabError(f"{what} {text!r} is not an IPv{version} network: {exc}") from exc
+
+
 # --- the lab ------------------------------------------------------------------------------------------
 
 
@@ -256,10 +267,7 @@ class Lab:
         self.node_name = node_name
         self.node_ip = _one_address(node_ip, 4, "node_ip")
         self.client_ip = _one_address(client_ip, 4, "client_ip")
-        try:
-            self.pod_network = ipaddress.IPv4Network(pod_cidr)
-        except ValueError as exc:
-            raise LabError(f"pod_cidr {pod_cidr!r} is not an IPv4 network: {exc}") from exc
+        self.pod_network = _one_network(pod_cidr, ipaddress.IPv4Network, "pod_cidr")
         if self.pod_network.prefixlen > _POD_SUBNET_PREFIX_MAX:
             raise LabError(f"pod_cidr {pod_cidr} is too small for a gateway and pods")
         self.pod_cidr = str(self.pod_network)
@@ -274,10 +282,7 @@ class Lab:
         if ipv6:
             self.node_ip6 = _one_address(node_ip6, 6, "node_ip6")
             self.client_ip6 = _one_address(client_ip6, 6, "client_ip6")
-            try:
-                self._pod_network6 = ipaddress.IPv6Network(pod_cidr6)
-            except ValueError as exc:
-                raise LabError(f"pod_cidr6 {pod_cidr6!r} is not an IPv6 network: {exc}") from exc
+            self._pod_network6 = _one_network(pod_cidr6, ipaddress.IPv6Network, "pod_cidr6")
             self.pod_cidr6 = str(self._pod_network6)
             self.gateway_ip6 = str(self._pod_network6.network_address + 1)
 

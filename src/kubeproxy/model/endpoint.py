@@ -7,7 +7,7 @@ ready, an unset ``serving`` takes the value of ``ready``, an unset ``terminating
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from kubeproxy.model import objects
 from kubeproxy.model.service import (
@@ -103,20 +103,7 @@ def slice_content(es: objects.EndpointSlice) -> SliceContent:
         except ValueError as exc:
             raise InvalidObject(f"ports[{j}]: unsupported protocol {p.protocol!r}") from exc
         key = (p.name or "", protocol)
-        by_port[key] = tuple(
-            Endpoint(
-                ip=e.ip,
-                port=number,
-                ready=e.ready,
-                serving=e.serving,
-                terminating=e.terminating,
-                node_name=e.node_name,
-                zone=e.zone,
-                zone_hints=e.zone_hints,
-                node_hints=e.node_hints,
-            )
-            for e in eps
-        )
+        by_port[key] = tuple(replace(e, port=number) for e in eps)
     annotations = meta.annotations or {}
     return SliceContent(
         service=owner,
