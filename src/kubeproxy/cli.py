@@ -1,7 +1,8 @@
 """Command line: upstream-compatible flags (Go style: ``--v=2``, ``--masquerade-all=false``) plus our
 subcommands. Parsing only; the work happens in daemon, lab and tools.
 
-    kube-proxy [flags]          run the proxy (``--manifests DIR`` is our embedded source)
+    kube-proxy [flags]          run the proxy: from the API server (``--kubeconfig``, ``--master``, else
+                                in-cluster config), or from ``--manifests DIR`` (our embedded source)
     kube-proxy --cleanup        remove every rule we installed and exit
     kube-proxy demo [--keep]    build the namespace lab and show real traffic (``make demo``)
     kube-proxy render --manifests DIR --hostname-override NODE
@@ -19,14 +20,21 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from kubeproxy import __version__
-from kubeproxy.config import IMPLEMENTED_MODES, ConfigError, ProxyConfig, ProxyMode, parse_cluster_cidrs
+from kubeproxy.config import (
+    IMPLEMENTED_MODES,
+    ConfigError,
+    ProxyConfig,
+    ProxyMode,
+    kubeconfig_from_config_file,
+    parse_cluster_cidrs,
+)
 from kubeproxy.observe import logging as klog
 
 log = logging.getLogger("kubeproxy.cli")
 
 # Upstream flags we accept but do not implement yet: reported once, never silently ignored.
 _UNSUPPORTED_FLAGS = (
-    "config", "kubeconfig", "master", "write-config-to", "feature-gates", "bind-address",
+    "write-config-to", "feature-gates", "bind-address",
     "healthz-bind-address", "metrics-bind-address", "nodeport-addresses", "detect-local-mode",
     "pod-bridge-interface", "pod-interface-name-prefix", "conntrack-max-per-core", "conntrack-min",
     "conntrack-tcp-timeout-established", "conntrack-tcp-timeout-close-wait", "oom-score-adj",
@@ -62,6 +70,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--proxy-mode", default="nftables", help="which proxy mode to use: 'nftables' (default here)")
     p.add_argument("--manifests", type=Path, help="directory of Service/EndpointSlice/Node manifests (our source)")
+    p.add_argument("--kubeconfig", default="", help="path to a kubeconfig file with authorization and master location")
+    p.add_argument("--master", default="", help="address of the API server (overrides the kubeconfig's server)")
+    p.add_argument("--config", type=Path, help="KubeProxyConfiguration file (only clientConnection.kubeconfig so far)")
     p.add_argument("--hostname-override", default="", help="use this name instead of the hostname as node name")
     p.add_argument("--cluster-cidr", default="", help="pod CIDR(s); traffic from outside is masqueraded")
     p.add_argument("--masquerade-all", nargs="?", const=True, default=False, type=gobool)
@@ -89,9 +100,15 @@ def config_from_args(argv: Sequence[str]) -> ProxyConfig:
         raise ConfigError(f"--proxy-mode={mode.value} is not implemented yet (implemented: nftables)")
     if not 0 <= args.iptables_masquerade_bit <= 31:
         raise ConfigError(f"--iptables-masquerade-bit: {args.iptables_masquerade_bit} not in 0-31")
+    kubeconfig = args.kubeconfig
+    if args.config is not None:
+        log.warning("config file: only clientConnection.kubeconfig is applied so far path=%s", args.config)
+        kubeconfig = kubeconfig or kubeconfig_from_config_file(args.config)
     return ProxyConfig(
         mode=mode,
         manifests=args.manifests,
+        kubeconfig=kubeconfig,
+        master=args.master,
         hostname_override=args.hostname_override,
         cluster_cidrs=parse_cluster_cidrs(args.cluster_cidr),
         masquerade_all=args.masquerade_all,
@@ -125,6 +142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return render_main(argv[1:])
     from kubeproxy import daemon
+    from kubeproxy.sources.errors import AccessDenied, ConnectionConfigError
     from kubeproxy.sources.manifests import ManifestError
 
     try:
@@ -132,9 +150,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if cfg.cleanup:
             return daemon.cleanup()
         return asyncio.run(daemon.run(cfg))
-    except (ConfigError, ManifestError) as exc:
+    except (ConfigError, ManifestError, ConnectionConfigError) as exc:
         log.error("invalid configuration: %s", exc)
         return 2
+    except AccessDenied as exc:
+        log.error("cannot start: %s", exc.explain())
+        return 1
     except KeyboardInterrupt:
         return 0
 

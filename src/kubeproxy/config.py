@@ -29,7 +29,9 @@ IMPLEMENTED_MODES = (ProxyMode.NFTABLES,)
 @dataclass(frozen=True, slots=True)
 class ProxyConfig:
     mode: ProxyMode = ProxyMode.NFTABLES
-    manifests: Path | None = None
+    manifests: Path | None = None  # our embedded source; when unset, the API server is the source
+    kubeconfig: str = ""  # --kubeconfig / clientConnection.kubeconfig; with master both empty: in-cluster
+    master: str = ""  # --master: overrides the kubeconfig's server
     hostname_override: str = ""
     cluster_cidrs: tuple[str, ...] = ()
     masquerade_all: bool = False
@@ -44,6 +46,35 @@ class ProxyConfig:
     def node_name(self) -> str:
         # Upstream GetHostname: the override, else the lower-cased hostname.
         return (self.hostname_override or socket.gethostname()).strip().lower()
+
+
+def kubeconfig_from_config_file(path: Path) -> str:
+    """``clientConnection.kubeconfig`` of a ``KubeProxyConfiguration`` file ("" when unset).
+
+    The full configuration file (every field, strict decoding) is issue 5; until then this is the
+    only field read from it, and the daemon says so.
+    """
+    import yaml
+
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"--config {path}: cannot read: {exc.strerror or exc}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--config {path}: not valid YAML: {exc}") from exc
+    if not isinstance(doc, dict) or doc.get("kind") != "KubeProxyConfiguration":
+        raise ConfigError(f"--config {path}: not a KubeProxyConfiguration")
+    if doc.get("apiVersion") != "kubeproxy.config.k8s.io/v1alpha1":
+        raise ConfigError(
+            f"--config {path}: apiVersion {doc.get('apiVersion')!r} is not kubeproxy.config.k8s.io/v1alpha1"
+        )
+    conn = doc.get("clientConnection") or {}
+    if not isinstance(conn, dict):
+        raise ConfigError(f"--config {path}: clientConnection must be a mapping")
+    value = conn.get("kubeconfig") or ""
+    if not isinstance(value, str):
+        raise ConfigError(f"--config {path}: clientConnection.kubeconfig must be a string")
+    return value
 
 
 def parse_cluster_cidrs(value: str) -> tuple[str, ...]:

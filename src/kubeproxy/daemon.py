@@ -24,6 +24,8 @@ from kubeproxy.kernel.nft import Nft, NftCli
 from kubeproxy.model import objects
 from kubeproxy.model.service import IPFamily, NamespacedName, family_of
 from kubeproxy.runner import SyncRunner
+from kubeproxy.sources import kubeconfig
+from kubeproxy.sources.api import ApiSource
 from kubeproxy.sources.events import Change
 from kubeproxy.sources.manifests import ManifestDirectory
 from kubeproxy.state.snapshot import ProxyState
@@ -119,20 +121,25 @@ class Proxy:
         return min(followups) if followups else None
 
 
+def build_source(cfg: ProxyConfig) -> ManifestDirectory | ApiSource:
+    """The manifest directory when one is given, else the API server (kubeconfig, master or in-cluster)."""
+    if cfg.manifests is not None:
+        return ManifestDirectory(cfg.manifests)
+    return ApiSource(kubeconfig.resolve(cfg.kubeconfig, cfg.master), cfg.node_name)
+
+
 async def run(cfg: ProxyConfig, *, nft: Nft | None = None, stop: asyncio.Event | None = None) -> int:
-    if cfg.manifests is None:
-        raise ConfigError("no source of truth: give --manifests DIR (API server support comes in a later issue)")
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    source = build_source(cfg)
     proxy = Proxy(cfg, build_backends(cfg, nft or NftCli()))
-    source = ManifestDirectory(cfg.manifests)
     log.info(
-        "starting kube-proxy mode=%s node=%s manifests=%s cluster_cidrs=%s",
+        "starting kube-proxy mode=%s node=%s source=%s cluster_cidrs=%s",
         cfg.mode.value,
         cfg.node_name,
-        str(cfg.manifests),
+        f"manifests {cfg.manifests}" if isinstance(source, ManifestDirectory) else f"api {source.settings.server}",
         ",".join(cfg.cluster_cidrs) or "-",
     )
     tasks = [
