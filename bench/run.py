@@ -1,4 +1,5 @@
-"""``make bench``: synthetic N Services x M endpoints through the real nftables backend.
+"""``make bench``: synthetic N Services x M endpoints through the real nftables backend, then the API
+source benchmark (bench/api.py: list decode, watch events, list + watch over loopback).
 
 For each size: state ingest (decoded objects -> trackers -> commit), pure render of the whole
 table, cold full sync into an empty network namespace (render + one ``nft -f`` transaction; the
@@ -146,6 +147,19 @@ def bench_size(n: int, m: int, netns: str) -> dict[str, Any]:
     }
 
 
+def bench_api() -> dict[str, Any]:
+    """bench/api.py in a fresh interpreter, so its RSS delta is not hidden under this process's peak."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.api"],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).parent.parent,
+    )
+    result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return result
+
+
 def machine() -> dict[str, Any]:
     nft_version = subprocess.run(["nft", "--version"], capture_output=True, text=True, check=False).stdout.strip()
     return {
@@ -180,8 +194,12 @@ def main() -> int:
     print("  ".join(f"{title:>14}" for _, title in cols))
     for row in rows:
         print("  ".join(f"{row[key]!s:>14}" for key, _ in cols))
+    api = bench_api()
+    print("\nAPI source: 20k EndpointSlices / 100k endpoints (fresh process; see bench/api.py)")
+    for key, value in api.items():
+        print(f"  {key:>28}  {value}")
     out = Path(__file__).parent / "results" / f"nftables-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.write_text(json.dumps({"machine": machine(), "results": rows}, indent=2) + "\n")
+    out.write_text(json.dumps({"machine": machine(), "results": rows, "api": api}, indent=2) + "\n")
     print(f"wrote {out}")
     return 0
 

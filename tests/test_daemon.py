@@ -4,12 +4,18 @@ interval, failure -> retry with a full sync. Asserts counts and order, never wal
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 from builders import endpoint_slice, node, service
+from kubeproxy import daemon
 from kubeproxy.config import ProxyConfig
 from kubeproxy.daemon import Proxy, build_backends
 from kubeproxy.kernel.nft import FakeNft, NftError
+from kubeproxy.lab.apiserver import FakeApiServer
+from kubeproxy.model import objects
 from kubeproxy.runner import SyncRunner
 from kubeproxy.sources.events import Change, ChangeType, ObjectKey
 
@@ -59,6 +65,34 @@ def test_other_nodes_are_ignored_and_own_node_feeds_nodeports() -> None:
         proxy.state.services_synced = proxy.state.slices_synced = True
         await proxy.sync()
         assert set(nft.tables[("ip", "kube-proxy")].elements["nodeport-ips"]) == {"192.168.50.1"}
+
+    asyncio.run(scenario())
+
+
+def test_a_zone_label_change_on_our_node_forces_a_full_sync() -> None:
+    def zoned(zone: str) -> objects.Node:
+        obj = objects.from_builtins(
+            "Node", {"metadata": {"name": "node1", "labels": {"topology.kubernetes.io/zone": zone}}}
+        )
+        assert isinstance(obj, objects.Node)
+        return obj
+
+    async def scenario() -> None:
+        nft = FakeNft()
+        proxy = make_proxy(nft)
+        proxy.on_change(change(zoned("z1"), "Node", "", "node1"))
+        proxy.state.services_synced = proxy.state.slices_synced = True
+        await proxy.sync()
+        proxy.on_change(change(service("svc1", "10.96.0.10"), "Service", "ns1", "svc1"))
+        before = len(nft.transactions)
+        await proxy.sync()
+        assert not any(t.startswith("add table") for t in nft.transactions[before:])  # partial
+        proxy.on_change(change(zoned("z2"), "Node", "", "node1"))
+        assert proxy.state.node.zone == "z1"
+        before = len(nft.transactions)
+        await proxy.sync()
+        assert proxy.state.node.zone == "z2"
+        assert any(t.startswith("add table ip kube-proxy") for t in nft.transactions[before:])  # full
 
     asyncio.run(scenario())
 
@@ -143,3 +177,79 @@ def test_startup_misconfiguration_is_one_clear_error_and_exit_2(tmp_path: Path) 
     assert main([f"--manifests={tmp_path / 'missing'}", "--hostname-override=node1"]) == 2
     assert main(["--proxy-mode=userspace", f"--manifests={tmp_path}"]) == 2
     assert main(["--cluster-cidr=10.0.0.0/8,10.1.0.0/16", f"--manifests={tmp_path}"]) == 2
+    assert main(["--kubeconfig", str(tmp_path / "no-such-kubeconfig"), "--hostname-override=node1"]) == 2
+    (tmp_path / "kp.yaml").write_text("apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: Other\n")
+    assert main([f"--config={tmp_path / 'kp.yaml'}"]) == 2
+
+
+def test_config_file_client_connection_kubeconfig(tmp_path: Path) -> None:
+    from kubeproxy.cli import config_from_args
+
+    (tmp_path / "kp.yaml").write_text(
+        "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\n"
+        "clientConnection:\n  kubeconfig: /var/lib/kube-proxy/kubeconfig.conf\n"
+    )
+    cfg = config_from_args([f"--config={tmp_path / 'kp.yaml'}"])
+    assert cfg.kubeconfig == "/var/lib/kube-proxy/kubeconfig.conf" and cfg.manifests is None
+    assert config_from_args([f"--config={tmp_path / 'kp.yaml'}", "--kubeconfig=/k"]).kubeconfig == "/k"
+
+
+def _api_objects(server: FakeApiServer) -> None:
+    server.apply(
+        {
+            "kind": "Service",
+            "metadata": {"name": "web", "namespace": "ns1"},
+            "spec": {"clusterIP": "10.96.0.10", "ports": [{"name": "http", "port": 80}]},
+        }
+    )
+    server.apply(_api_slice("10.244.1.2"))
+
+
+def _api_slice(ip: str) -> dict[str, object]:
+    return {
+        "kind": "EndpointSlice",
+        "metadata": {"name": "web-1", "namespace": "ns1", "labels": {"kubernetes.io/service-name": "web"}},
+        "addressType": "IPv4",
+        "ports": [{"name": "http", "port": 8080}],
+        "endpoints": [{"addresses": [ip], "conditions": {"ready": True}}],
+    }
+
+
+def test_daemon_from_the_api_server_programs_and_follows_changes() -> None:
+    with FakeApiServer() as server:
+        _api_objects(server)
+        cfg = ProxyConfig(master=server.url, hostname_override="node1", min_sync_period=0.01)
+        nft = FakeNft()
+
+        async def scenario() -> None:
+            stop = asyncio.Event()
+            task = asyncio.create_task(daemon.run(cfg, nft=nft, stop=stop))
+            await _until(lambda: "10.244.1.2" in nft.dump())
+            await asyncio.to_thread(server.apply, _api_slice("10.244.1.3"))
+            await _until(lambda: "10.244.1.3" in nft.dump() and "10.244.1.2" not in nft.dump())
+            stop.set()
+            assert await task == 0
+
+        asyncio.run(scenario())
+
+
+def test_missing_permission_stops_startup_with_exit_1(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from kubeproxy.cli import main
+
+    monkeypatch.setattr(daemon, "NftCli", FakeNft)  # never the host's kernel, even if it went wrong
+    with FakeApiServer() as server:
+        _api_objects(server)
+        server.forbid("watch", "endpointslices")
+        server.forbid("list", "endpointslices")
+        assert main([f"--master={server.url}", "--hostname-override=node1"]) == 1
+    assert "kube-proxy needs verb=list on resource=endpointslices" in capsys.readouterr().err
+
+
+async def _until(pred: Callable[[], bool], timeout: float = 10.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not pred():
+        assert loop.time() < deadline, "condition not reached"
+        await asyncio.sleep(0.02)

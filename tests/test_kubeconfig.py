@@ -104,7 +104,7 @@ def test_bad_kubeconfig_is_one_clear_error(
     tmp_path: Path, cluster: dict[str, Any], user: dict[str, Any], message: str
 ) -> None:
     cfg = write_kubeconfig(tmp_path / "kc.yaml", cluster, user)
-    with pytest.raises(ConnectionConfigError, match="kc.yaml") as err:
+    with pytest.raises(ConnectionConfigError, match=r"kc\.yaml") as err:
         load_kubeconfig(cfg)
     assert message in str(err.value)
 
@@ -158,9 +158,9 @@ import json, os, sys, pathlib
 info = json.loads(os.environ["KUBERNETES_EXEC_INFO"])
 calls = pathlib.Path(sys.argv[1])
 calls.write_text(calls.read_text() + "x" if calls.exists() else "x")
+token = "-".join(["exec", os.environ["EXTRA"], str(info["spec"]["interactive"]), str(len(calls.read_text()))])
 out = {"apiVersion": info["apiVersion"], "kind": "ExecCredential",
-       "status": {"token": "exec-" + os.environ["EXTRA"] + "-" + str(info["spec"]["interactive"]) + "-" + str(len(calls.read_text())),
-                  "expirationTimestamp": sys.argv[2]}}
+       "status": {"token": token, "expirationTimestamp": sys.argv[2]}}
 if sys.argv[3] == "fail":
     sys.stderr.write("plugin broke"); sys.exit(3)
 print(json.dumps(out))

@@ -83,7 +83,7 @@ class Proxy:
 
     def on_synced(self) -> None:
         self.state.services_synced = self.state.slices_synced = True
-        log.info("initial state complete services=%d", len(self.state.services))
+        log.info("initial state complete pending_changes=%d", self.state.pending())
         # Everything after the initial list is long-lived: keep it out of the cyclic GC's way.
         gc.collect()
         gc.freeze()

@@ -76,13 +76,17 @@ class ApiSource:
                 for spec in resource_specs(self.node_name)
             ]
             tasks = [asyncio.create_task(r.run(stop), name=f"reflector-{r.spec.resource}") for r in self.reflectors]
+            stopped = asyncio.create_task(stop.wait(), name="api-source-stop")
             try:
-                done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
-                for task in done:
-                    exc = task.exception()
-                    if exc is not None:
-                        raise exc
+                # Return as soon as we are told to stop (a watch may be parked in a read for minutes),
+                # or raise the first reflector failure (only AccessDenied ever escapes a reflector).
+                pending: set[asyncio.Task[object]] = {*tasks, stopped}
+                while not stopped.done():
+                    done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                    for task in done:
+                        if task is not stopped and task.exception() is not None:
+                            raise task.exception()  # type: ignore[misc]
             finally:
-                for task in tasks:
+                for task in (*tasks, stopped):
                     task.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
+                await asyncio.gather(*tasks, stopped, return_exceptions=True)

@@ -59,6 +59,7 @@ class ApiClient:
         self._session: aiohttp.ClientSession | None = None
         self._ssl: ssl.SSLContext | None = None
         self._generation = -1
+        self._lock = asyncio.Lock()
 
     async def close(self) -> None:
         if self._session is not None:
@@ -75,15 +76,16 @@ class ApiClient:
         creds = self.settings.credentials
         try:
             auth = await asyncio.to_thread(creds.authorization)
-            if self._session is None or creds.generation != self._generation:
-                self._generation = creds.generation
-                self._ssl = await asyncio.to_thread(self.settings.ssl_context)
-                if self._session is not None:
-                    await self._session.close()
-                self._session = aiohttp.ClientSession(
-                    headers={"User-Agent": USER_AGENT, "Accept": "application/json"},
-                    auto_decompress=True,
-                )
+            async with self._lock:  # three reflectors start at once: build one session, not three
+                if self._session is None or creds.generation != self._generation:
+                    self._generation = creds.generation
+                    self._ssl = await asyncio.to_thread(self.settings.ssl_context)
+                    if self._session is not None:
+                        await self._session.close()
+                    self._session = aiohttp.ClientSession(
+                        headers={"User-Agent": USER_AGENT, "Accept": "application/json"},
+                        auto_decompress=True,
+                    )
         except ConnectionConfigError as exc:
             raise ApiError(
                 f"credentials unavailable: {exc}", reason="CredentialError", verb=verb, resource=resource
