@@ -14,7 +14,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ from kubeproxy.lab.apiserver import FakeApiServer
 from kubeproxy.lab.cluster import Lab
 from kubeproxy.lab.netns import call_in_netns, lab_unavailable_reason, run
 from kubeproxy.lab.probe import spread
+from waiting import wait_until
 
 _REASON = lab_unavailable_reason()
 pytestmark = [pytest.mark.lab, pytest.mark.skipif(_REASON is not None, reason=_REASON or "")]
@@ -52,15 +53,6 @@ def web_slice(*ips: str) -> dict[str, Any]:
         "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
         "endpoints": [{"addresses": [ip], "conditions": {"ready": True}, "nodeName": "node1"} for ip in ips],
     }
-
-
-def _wait(predicate: Callable[[], bool], timeout: float = 20.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.1)
-    return False
 
 
 def test_proxy_follows_the_api_server(lab: Lab, tmp_path: Path) -> None:
@@ -108,11 +100,12 @@ def test_proxy_follows_the_api_server(lab: Lab, tmp_path: Path) -> None:
             assert proc.poll() is None, log.read_text()
             assert run(["nft", "list", "tables"], netns=lab.node_ns).stdout.strip() == "", log.read_text()
             api.come_up()
-            assert _wait(lambda: set(spread(client, "10.96.0.10", 80, 8)) == {"a", "b"}), log.read_text()
+            # Reconnects back off (0.8 s doubling, jitter up to 2x, reset after 2 healthy minutes): allow for it.
+            assert wait_until(lambda: set(spread(client, "10.96.0.10", 80, 8)) == {"a", "b"}, 40), log.read_text()
             assert "ns1/broken" in log.read_text()
 
             api.apply(web_slice("10.244.1.4"))
-            assert _wait(lambda: set(spread(client, "10.96.0.10", 80, 8)) == {"c"}), log.read_text()
+            assert wait_until(lambda: set(spread(client, "10.96.0.10", 80, 8)) == {"c"}), log.read_text()
 
             # The API server goes away: rules stay and traffic keeps flowing.
             api.go_down()
@@ -121,7 +114,7 @@ def test_proxy_follows_the_api_server(lab: Lab, tmp_path: Path) -> None:
             api.apply(web_slice("10.244.1.2"))  # changed while we could not see it
             api.compact()  # ... and its history is gone: the proxy must relist
             api.come_up()
-            assert _wait(lambda: set(spread(client, "10.96.0.10", 80, 8)) == {"a"}), log.read_text()
+            assert wait_until(lambda: set(spread(client, "10.96.0.10", 80, 8)) == {"a"}, 40), log.read_text()
             assert proc.poll() is None, log.read_text()
 
             proc.send_signal(signal.SIGTERM)

@@ -12,8 +12,7 @@ import os
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,6 +26,7 @@ from kubeproxy.lab.cluster import Lab
 from kubeproxy.lab.netns import lab_unavailable_reason, run
 from kubeproxy.lab.probe import Outcome, spread, tcp_probe, udp_probe
 from kubeproxy.state.snapshot import ProxyState
+from waiting import wait_until
 
 _REASON = lab_unavailable_reason()
 pytestmark = [pytest.mark.lab, pytest.mark.skipif(_REASON is not None, reason=_REASON or "")]
@@ -41,6 +41,8 @@ def lab() -> Iterator[Lab]:
         for ip, name in PODS.items():
             built.add_pod(name, ip, tcp_ports=(8080,), udp_ports=(8080,))
         built.add_pod("client", POD_CLIENT, tcp_ports=())
+        # The outside world reaches ExternalIPs and LB IPs through the node (as a load balancer would).
+        built.exec(built.client_ns, ["ip", "route", "add", "198.51.100.0/24", "via", NODE_IP])
         yield built
 
 
@@ -187,15 +189,6 @@ def _slice(*ips: str) -> str:
     return SLICE.replace("{endpoints}", "\n".join(f"- addresses: [{ip}]\n  nodeName: node1" for ip in ips))
 
 
-def _wait(predicate: Callable[[], bool], timeout: float = 15.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.1)
-    return False
-
-
 def test_daemon_from_manifests_programs_node_and_follows_changes(lab: Lab, tmp_path: Path) -> None:
     manifests = tmp_path / "manifests"
     manifests.mkdir()
@@ -211,7 +204,7 @@ def test_daemon_from_manifests_programs_node_and_follows_changes(lab: Lab, tmp_p
         log_path=str(log),
     )  # fmt: skip
     try:
-        assert _wait(lambda: set(spread(client, "10.96.0.10", 80, 8)) == {"a", "b"}), log.read_text()
+        assert wait_until(lambda: set(spread(client, "10.96.0.10", 80, 8)) == {"a", "b"}), log.read_text()
         text = log.read_text()
         # Bad input is named and skipped; everything else is programmed.
         assert (
@@ -220,7 +213,7 @@ def test_daemon_from_manifests_programs_node_and_follows_changes(lab: Lab, tmp_p
             and "eighty" not in "".join(spread(client, "10.96.0.99", 80, 1))
         )
         (manifests / "slice.yaml").write_text(_slice("10.244.1.4"))
-        assert _wait(lambda: set(spread(client, "10.96.0.10", 80, 8)) == {"c"}), log.read_text()
+        assert wait_until(lambda: set(spread(client, "10.96.0.10", 80, 8)) == {"c"}), log.read_text()
         # SIGTERM: the process exits and the rules stay (traffic keeps flowing during restarts).
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=10) == 0, log.read_text()

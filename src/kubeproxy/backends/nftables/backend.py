@@ -149,7 +149,9 @@ class NftablesBackend:
         ports = state.services.get(key)
         if not ports:
             return EMPTY
-        return render_service(ports.values(), state.service_endpoints, self.opts, state.node.topology)
+        return render_service(
+            ports.values(), state.service_endpoints, self.opts, state.node.topology, state.node.addresses
+        )
 
     # -- sync --------------------------------------------------------------------------------
     def sync(self, state: ProxyState, changed: Collection[NamespacedName], *, full: bool) -> SyncOutcome:

@@ -19,6 +19,7 @@ policy has none on this node) follow upstream's nftables proxier.
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -38,6 +39,7 @@ SERVICE_NODEPORTS = "service-nodeports"
 NO_ENDPOINT_SERVICES = "no-endpoint-services"
 NO_ENDPOINT_NODEPORTS = "no-endpoint-nodeports"
 HAIRPIN = "hairpin-connections"
+FIREWALL_IPS = "firewall-ips"
 
 REJECT_CHAIN = "reject-chain"
 VERDICT_REJECT = f"goto {REJECT_CHAIN}"
@@ -46,6 +48,9 @@ VERDICT_DROP = "drop"
 # Base chains: name -> (type, hook, priority). Names follow upstream ("<type>-<hook>"). Priorities are
 # numeric (dstnat = -100, srcnat = 100): nft 1.0.6 accepts the "dstnat" keyword only on prerouting.
 BASE_CHAINS: dict[str, tuple[str, str, str]] = {
+    # loadBalancerSourceRanges are checked before DNAT (dstnat - 10), on the original destination.
+    "filter-prerouting-pre-dnat": ("filter", "prerouting", "-110"),
+    "filter-output-pre-dnat": ("filter", "output", "-110"),
     "filter-input": ("filter", "input", "0"),
     "filter-forward": ("filter", "forward", "0"),
     "filter-output": ("filter", "output", "0"),
@@ -161,6 +166,9 @@ def declarations(opts: NftOptions) -> dict[str, str]:
             'type inet_proto . inet_service : verdict ; comment "drop or reject: nodeports without endpoints"'
         ),
         HAIRPIN: f'type {a} . {a} . inet_proto . inet_service ; comment "pods reaching themselves through a Service"',
+        FIREWALL_IPS: (
+            f'type {a} . inet_proto . inet_service : verdict ; comment "LB IPs with loadBalancerSourceRanges"'
+        ),
     }
 
 
@@ -181,6 +189,9 @@ def static_chains(opts: NftOptions) -> dict[str, tuple[str, ...]]:
         "filter-input": (f"{new} jump nodeport-endpoints-check", f"{new} jump service-endpoints-check"),
         "filter-forward": (f"{new} jump service-endpoints-check", f"{new} jump cluster-ips-check"),
         "filter-output": (f"{new} jump service-endpoints-check", f"{new} jump cluster-ips-check"),
+        "filter-prerouting-pre-dnat": (f"{new} jump firewall-check",),
+        "filter-output-pre-dnat": (f"{new} jump firewall-check",),
+        "firewall-check": (f"{ip} daddr . meta l4proto . th dport vmap @{FIREWALL_IPS}",),
         "nat-prerouting": ("jump services",),
         "nat-output": ("jump services",),
         "nat-postrouting": ("jump masquerading",),
@@ -226,8 +237,31 @@ def load_balance_rules(endpoints: Sequence[Endpoint], proto: str) -> tuple[str, 
     return tuple(rules)
 
 
+def firewall_rules(
+    svc: ServicePort, lb_ips: Sequence[str], opts: NftOptions, node_ips: Sequence[str]
+) -> tuple[str, ...]:
+    """``loadBalancerSourceRanges`` of this family as a chain: allowed sources return, the rest is dropped.
+
+    One ``return`` rule per allowed prefix instead of upstream's inline anonymous set: no per-Service
+    set in the kernel (DESIGN.md section 3). As upstream, when a node IP is inside a range the LB IPs
+    themselves are allowed as sources (a node reaching the LB IP it holds sends from that IP).
+    """
+    ranges = [r for r in svc.load_balancer_source_ranges if family_of(r.split("/")[0]) is opts.family]
+    if not ranges:
+        return ()
+    nets = [ipaddress.ip_network(r) for r in ranges]
+    allowed = list(ranges)
+    if any(ipaddress.ip_address(ip) in net for ip in node_ips for net in nets if family_of(ip) is opts.family):
+        allowed += [ip for ip in lb_ips if ip not in allowed]
+    return (*(f"{opts.ip} saddr {src} return" for src in allowed), "drop")
+
+
 def render_service_port(
-    svc: ServicePort, endpoints: Sequence[Endpoint], opts: NftOptions, node: NodeTopology
+    svc: ServicePort,
+    endpoints: Sequence[Endpoint],
+    opts: NftOptions,
+    node: NodeTopology,
+    node_ips: Sequence[str] = (),
 ) -> tuple[dict[str, tuple[str, ...]], set[Element]]:
     chains: dict[str, tuple[str, ...]] = {}
     elements: set[Element] = set()
@@ -277,8 +311,14 @@ def render_service_port(
             rules.append(f"goto {external_policy_chain}")
         chains[external_chain] = tuple(rules)
 
+    lb_ips = [ip for ip in svc.load_balancer_ips if family_of(ip) is opts.family]
     external_ips = [ip for ip in svc.external_ips if family_of(ip) is opts.family]
-    for ip in external_ips:
+    if lb_ips and (fw_rules := firewall_rules(svc, lb_ips, opts, node_ips)):
+        firewall_chain = f"{names.FIREWALL}-{base}"
+        chains[firewall_chain] = fw_rules
+        for ip in lb_ips:
+            elements.add((FIREWALL_IPS, f"{ip} . {proto} . {port}", f"goto {firewall_chain}"))
+    for ip in dict.fromkeys([*external_ips, *lb_ips]):
         ext_key = f"{ip} . {proto} . {port}"
         if cat.has_any:
             elements.add((SERVICE_IPS, ext_key, f"goto {external_chain}"))
@@ -298,12 +338,13 @@ def render_service(
     endpoints_of: Callable[[ServicePort], Sequence[Endpoint]],
     opts: NftOptions,
     node: NodeTopology,
+    node_ips: Sequence[str] = (),
 ) -> Fragment:
     """One Service (all its ports) as a Fragment."""
     chains: dict[str, tuple[str, ...]] = {}
     elements: set[Element] = set()
     for svc in sorted(ports, key=lambda p: p.name):
-        port_chains, port_elements = render_service_port(svc, endpoints_of(svc), opts, node)
+        port_chains, port_elements = render_service_port(svc, endpoints_of(svc), opts, node, node_ips)
         chains.update(port_chains)
         elements |= port_elements
     return Fragment(chains=chains, elements=frozenset(elements)) if chains or elements else EMPTY
@@ -334,5 +375,7 @@ def render_all(
     node_addresses: Sequence[str],
 ) -> Ruleset:
     """The whole table for a state (golden tests, dry-run, the tracer)."""
-    fragments = [render_service(services[k].values(), endpoints_of, opts, node) for k in sorted(services)]
+    fragments = [
+        render_service(services[k].values(), endpoints_of, opts, node, node_addresses) for k in sorted(services)
+    ]
     return assemble(opts, render_static_elements(node_addresses, opts), fragments)

@@ -150,7 +150,7 @@ def _statement(ctx: _Ctx, stmt: str, depth: int) -> str | None:
             ctx.targets.append((m[2], int(m[3])))
             return "accept"
         return None
-    if stmt in ("reject", "drop"):
+    if stmt in ("reject", "drop", "return"):
         return stmt
     raise TraceError(f"unrecognised rule shape: {stmt!r}")
 
@@ -170,6 +170,9 @@ def trace(ruleset: Ruleset, packet: Packet, node_ips: Sequence[str]) -> TraceRes
     host_originated = packet.source in local
     ctx = _Ctx(packet=packet, node_ips=local, ruleset=ruleset, daddr=packet.destination, dport=packet.port)
 
+    # Filter before DNAT (loadBalancerSourceRanges), on the original destination.
+    if _run_chain(ctx, "filter-output-pre-dnat" if host_originated else "filter-prerouting-pre-dnat") == "drop":
+        return TraceResult(DROP, False, tuple(ctx.matched))
     _run_chain(ctx, "nat-output" if host_originated else "nat-prerouting")
     targets = sorted(set(ctx.targets), key=lambda t: (ipaddress.ip_address(t[0]), t[1]))
     if targets:
