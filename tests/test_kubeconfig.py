@@ -72,7 +72,7 @@ def test_data_fields_and_client_certificate(tmp_path: Path, ca: trustme.CA) -> N
     assert s.ca_pem == ca.cert_pem.bytes()
     assert s.credentials.authorization() is None
     assert s.credentials.describe == "client certificate"
-    assert s.ssl_context() is not None  # the key pair loaded (from a temp file that is gone again)
+    assert s.ssl_context() is not None  # the key pair loaded (from memory files, never from disk)
 
 
 def test_master_overrides_server_and_bare_master_has_no_credentials(tmp_path: Path) -> None:
@@ -243,3 +243,9 @@ def test_exec_plugin_wrong_api_version_is_rejected(tmp_path: Path) -> None:
     )
     with pytest.raises(ConnectionConfigError, match="not supported"):
         load_kubeconfig(cfg)
+
+
+def test_token_file_wins_over_a_static_token_as_in_client_go(tmp_path: Path) -> None:
+    (tmp_path / "token").write_text("from-file")
+    cfg = write_kubeconfig(tmp_path / "kc.yaml", {"server": "https://a:1"}, {"token": "stale", "tokenFile": "token"})
+    assert load_kubeconfig(cfg).credentials.authorization() == "Bearer from-file"

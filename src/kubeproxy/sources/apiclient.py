@@ -112,8 +112,9 @@ class ApiClient:
             session, headers = await self._prepare(verb, resource)
             try:
                 async with session.get(url, params=params, headers=headers, timeout=timeout, **self._kwargs()) as resp:  # type: ignore[arg-type]
-                    if resp.status == 401 and attempt == 1 and headers:
-                        self.settings.credentials.invalidate()
+                    if resp.status == 401 and attempt == 1:
+                        # Maybe rotated: re-read the token file / re-run the exec plugin (it may block).
+                        await asyncio.to_thread(self.settings.credentials.invalidate)
                         continue
                     if resp.status != 200:
                         body = await resp.read()
@@ -144,7 +145,9 @@ class ApiClient:
         A stream that delivers no byte for ``idle_timeout`` seconds is stalled: ApiError(reason="Stalled").
         Lines may be of any length (one EndpointSlice with 1000 endpoints is ~300 KB).
         """
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.connect_timeout)
+        # sock_read also bounds the wait for the response headers: a server that accepts the watch
+        # and never answers is a stall too.
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.connect_timeout, sock_read=idle_timeout)
         async with self._get(path, params, verb="watch", resource=resource, timeout=timeout) as resp:
             buf = bytearray()
             while True:

@@ -19,9 +19,9 @@ kubeconfig points ``tokenFile`` at a bound service-account token that the kubele
 the proxy would get 401s after an hour. It also logs and swallows exec plugin failures, writes client keys
 to temp files that live until exit, and brings 27 packages / 163 MB we would not otherwise load.
 
-Token rotation: a token file (in-cluster or ``tokenFile``) is re-read at most once a minute, and at once
-after a 401, like client-go's cached file token source. Client keys given as data are written to a
-private temp file only for the instant ``load_cert_chain`` needs them.
+Token rotation: a token file (in-cluster or ``tokenFile``, which wins over ``token`` as in client-go) is
+re-read at most once a minute, and at once after a 401, like client-go's cached file token source.
+Client keys given as data are loaded from an anonymous memory file (memfd), never written to disk.
 """
 
 from __future__ import annotations
@@ -35,7 +35,6 @@ import os
 import shutil
 import ssl
 import subprocess
-import tempfile
 import threading
 import time
 from collections.abc import Mapping
@@ -97,10 +96,10 @@ class Credentials:
         self.describe = self._describe()
 
     def _describe(self) -> str:
-        if self._token:
-            return "token"
         if self._token_file:
             return f"tokenFile {self._token_file}"
+        if self._token:
+            return "token"
         if self._exec:
             return f"exec {self._exec.command}"
         if self._basic:
@@ -111,10 +110,10 @@ class Credentials:
 
     def authorization(self) -> str | None:
         with self._lock:
+            if self._token_file is not None:  # client-go: the file wins over a static token
+                return f"Bearer {self._read_token_file()}"
             if self._token:
                 return f"Bearer {self._token}"
-            if self._token_file is not None:
-                return f"Bearer {self._read_token_file()}"
             if self._exec is not None:
                 cred = self._exec.credential()
                 if cred.identity != self._identity and cred.identity is not None:
@@ -132,11 +131,12 @@ class Credentials:
             return self._identity
 
     def invalidate(self) -> None:
-        """After a 401: re-read the token file / re-run the exec plugin on the next request."""
-        with self._lock:
-            self._file_read_at = float("-inf")
-            if self._exec is not None:
-                self._exec.expire()
+        """After a 401: re-read the token file / re-run the exec plugin on the next request.
+
+        Lock-free on purpose (plain assignments): it must never wait behind a running exec plugin."""
+        self._file_read_at = float("-inf")
+        if self._exec is not None:
+            self._exec.expire()
 
     def _read_token_file(self) -> str:
         assert self._token_file is not None
@@ -302,24 +302,26 @@ class ClientSettings:
 
 
 def _load_identity(ctx: ssl.SSLContext, identity: TLSIdentity, origin: str) -> None:
+    """Load a client certificate and key; PEM data never touches a filesystem (memfd, not /tmp)."""
+    fds: list[int] = []
+
+    def path_of(data: bytes | None, file: str | None, name: str) -> str:
+        if data is None:
+            return str(file)
+        fd = os.memfd_create(f"kube-proxy-{name}", os.MFD_CLOEXEC)
+        fds.append(fd)
+        os.write(fd, data)
+        return f"/proc/self/fd/{fd}"
+
     try:
-        if identity.cert_pem is None and identity.key_pem is None:
-            ctx.load_cert_chain(str(identity.cert_file), str(identity.key_file))
-            return
-        # ssl only loads keys from files: a private directory that lives for this call only.
-        with tempfile.TemporaryDirectory(prefix="kube-proxy-tls-") as tmp:
-            cert = Path(tmp, "cert.pem")
-            key = Path(tmp, "key.pem")
-            for path, data, src in (
-                (cert, identity.cert_pem, identity.cert_file),
-                (key, identity.key_pem, identity.key_file),
-            ):
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-                with os.fdopen(fd, "wb") as fh:
-                    fh.write(data if data is not None else Path(str(src)).read_bytes())
-            ctx.load_cert_chain(str(cert), str(key))
+        ctx.load_cert_chain(
+            path_of(identity.cert_pem, identity.cert_file, "cert"), path_of(identity.key_pem, identity.key_file, "key")
+        )
     except (OSError, ssl.SSLError) as exc:
         raise ConnectionConfigError(f"{origin}: client certificate/key unusable: {exc}") from exc
+    finally:
+        for fd in fds:
+            os.close(fd)
 
 
 # -- kubeconfig ------------------------------------------------------------------------------------
@@ -420,7 +422,7 @@ def load_kubeconfig(path: Path, *, master: str = "", context: str = "") -> Clien
         basic = (str(user["username"]), str(user["password"]))
     credentials = Credentials(
         token=str(user["token"]) if user.get("token") else None,
-        token_file=Path(_path(base, user["tokenFile"])) if user.get("tokenFile") and not user.get("token") else None,
+        token_file=Path(_path(base, user["tokenFile"])) if user.get("tokenFile") else None,
         basic=basic,
         identity=identity,
         exec_plugin=exec_plugin,

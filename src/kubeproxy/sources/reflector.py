@@ -13,9 +13,10 @@ The loop, per resource:
    or ERROR event — means that resourceVersion is compacted away: relist at once (step 1).
 
 Invariants: ``on_listed`` is called after every complete list (the first call gates programming); a
-malformed object is logged with its namespace/name and treated as absent (like an object the state layer
-rejects), and never stops the others; denied access (401/403) before the first list completed raises
-``AccessDenied`` (fatal at startup), later it is logged and retried, keeping whatever was programmed.
+malformed object (one that does not decode into our structs) is logged with its namespace/name and
+skipped: its last good version, if any, stays, as in the manifest source; it never stops the others;
+denied access (401/403) before the first list completed raises ``AccessDenied`` (fatal at startup),
+later it is logged and retried, keeping whatever was programmed.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 import msgspec
@@ -126,32 +127,53 @@ class Reflector:
     async def run(self, stop: asyncio.Event) -> None:
         need_list = True
         failures = 0
+        last_list = float("-inf")
         while not stop.is_set():
             started = time.monotonic()
+            events_before = self.events
             try:
                 if need_list:
+                    last_list = started
                     await self._list()
                     need_list = False
+                watch_started = time.monotonic()
                 await self._watch()
-                failures = 0  # the server ended the stream normally: resume at once
-                self._recovered()
-                continue
+                # The server ended the stream. Normal after timeoutSeconds; a watch that ends at once
+                # with nothing in it (a broken proxy, an overloaded server) must not become a hot loop.
+                if time.monotonic() - watch_started < 1.0 and self.events == events_before:
+                    failures += 1
+                    log.warning("very short watch, backing off kind=%s failures=%d", self.spec.kind, failures)
+                else:
+                    failures = 0
+                    self._recovered()
+                    continue
             except _Relist:
-                need_list, failures = True, 0
-                continue
+                need_list = True
+                if time.monotonic() - last_list >= 1.0:
+                    failures = 0
+                    continue
+                failures += 1  # relisting again right after a list: back off, never spin
             except ApiError as exc:
                 if exc.expired:
                     log.info("resourceVersion expired, relisting kind=%s error=%r", self.spec.kind, str(exc))
                     need_list = True
-                    continue
-                if exc.denied and not self.synced:
+                    if time.monotonic() - last_list >= 1.0:
+                        continue
+                    failures += 1
+                elif exc.denied and not self.synced:
                     raise AccessDenied(
                         exc.message, status=exc.status, reason=exc.reason, verb=exc.verb, resource=exc.resource
                     ) from exc
-                if time.monotonic() - started >= self.tuning.backoff_reset_after:
-                    failures = 0
-                failures += 1
-                self._report(exc, failures)
+                else:
+                    if time.monotonic() - started >= self.tuning.backoff_reset_after:
+                        failures = 0
+                    failures += 1
+                    self._report(exc, failures)
+                    # Connection-level trouble (refused, reset, stalled) and 429 resume the watch from the
+                    # same resourceVersion; any other answer from the server (an ERROR event, a 5xx, "too
+                    # large resource version", 403 ...) means that position is not trustworthy: relist.
+                    if exc.status not in (0, 429):
+                        need_list = True
             delay = self._backoff(failures)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), delay)
@@ -201,16 +223,29 @@ class Reflector:
         params["limit"] = str(self.tuning.page_size)
         rv = ""
         pages = 0
+        malformed: set[ObjectKey] = set()
         while True:
-            body = await self.client.list_page(self.spec.path, params, resource=self.spec.resource)
+            try:
+                body = await self.client.list_page(self.spec.path, params, resource=self.spec.resource)
+            except ApiError as exc:
+                if not (exc.expired and "continue" in params):
+                    raise
+                # Paging took longer than the compaction interval: one unpaginated list instead
+                # (client-go's pager FullListIfExpired), so a huge cluster still completes its list.
+                log.info("continue token expired, listing without pagination kind=%s", self.spec.kind)
+                params.pop("continue")
+                params.pop("limit", None)
+                fresh.clear()
+                malformed.clear()
+                continue
             pages += 1
             page = self.decode_page(body)
-            fresh.update(self.decode_items(page))
+            fresh.update(self.decode_items(page, malformed))
             rv = page.metadata.resourceVersion or rv
             if not page.metadata.continue_:
                 break
             params["continue"] = page.metadata.continue_
-        self.replace(fresh)
+        self.replace(fresh, keep=malformed)
         self.resource_version = rv
         self.lists += 1
         first = not self.synced
@@ -218,7 +253,7 @@ class Reflector:
         self._recovered()
         log.log(
             logging.INFO if first else logging.DEBUG,
-            "listed kind=%s objects=%d pages=%d resourceVersion=%s elapsed=%.3fs",
+            "listed kind=%s objects=%d pages=%d resourceVersion=%r elapsed=%.3fs",
             self.spec.kind,
             len(fresh),
             pages,
@@ -236,18 +271,25 @@ class Reflector:
                 f"undecodable list: {exc}", reason="BadList", verb="list", resource=self.spec.resource
             ) from exc
 
-    def decode_items(self, page: _RawList) -> dict[ObjectKey, KubeObject]:
-        """Each item on its own, so one malformed object costs only itself."""
+    def decode_items(self, page: _RawList, malformed: set[ObjectKey] | None = None) -> dict[ObjectKey, KubeObject]:
+        """Each item on its own, so one malformed object costs only itself (its key goes to ``malformed``)."""
         out: dict[ObjectKey, KubeObject] = {}
         for raw in page.items or ():
             decoded = self._decode_object(raw)
             if decoded is not None:
                 out[decoded[0]] = decoded[1]
+            elif malformed is not None and (meta := self._meta(raw)) is not None:
+                malformed.add(ObjectKey(self.spec.kind, meta.namespace, meta.name))
         return out
 
-    def replace(self, fresh: dict[ObjectKey, KubeObject]) -> None:
-        """Make ``fresh`` the cache, emitting the difference (this is how a relist recovers missed deletes)."""
+    def replace(self, fresh: dict[ObjectKey, KubeObject], keep: Collection[ObjectKey] = ()) -> None:
+        """Make ``fresh`` the cache, emitting the difference (this is how a relist recovers missed deletes).
+
+        Keys in ``keep`` (objects that exist but did not decode) keep their last good version."""
         old = self.cache
+        for key in keep:
+            if key in old and key not in fresh:
+                fresh[key] = old[key]
         for key, obj in old.items():
             if key not in fresh:
                 self.emit(Change(ChangeType.DELETED, key, obj, None))
@@ -313,15 +355,10 @@ class Reflector:
                 self.emit(Change(ChangeType.DELETED, key, old, None))
             return
         decoded = self._decode_object(event.object)
-        if decoded is None:  # malformed: logged; treated as absent
+        if decoded is None:  # malformed: logged and skipped; the last good version (if any) stays
             meta = self._meta(event.object)
-            if meta is not None:
-                if meta.resourceVersion:
-                    self.resource_version = meta.resourceVersion
-                key = ObjectKey(self.spec.kind, meta.namespace, meta.name)
-                old = self.cache.pop(key, None)
-                if old is not None:
-                    self.emit(Change(ChangeType.DELETED, key, old, None))
+            if meta is not None and meta.resourceVersion:
+                self.resource_version = meta.resourceVersion
             return
         key, obj = decoded
         self.resource_version = obj.metadata.resourceVersion or self.resource_version
@@ -345,7 +382,7 @@ class Reflector:
             where = f"{meta.namespace}/{meta.name}" if meta and meta.namespace else (meta.name if meta else "?")
             where = where.encode("unicode_escape").decode()  # a name from the wire must not forge log lines
             log.warning(
-                "skipping malformed object, treated as absent kind=%s object=%s reason=%r",
+                "skipping malformed object, keeping its last good version kind=%s object=%s reason=%r",
                 self.spec.kind,
                 where,
                 str(exc),
