@@ -54,5 +54,5 @@ class AccessDenied(ApiError):
         return (
             f"permission denied (403 Forbidden): kube-proxy needs verb={self.verb} on resource={self.resource} "
             f"(the system:node-proxier ClusterRole grants list and watch on services, endpointslices and nodes); "
-            f"server said: {self.message}"
+            f"server said: {self.message!r}"
         )
