@@ -42,6 +42,9 @@ def basic_objects() -> list[objects.KubeObject]:
         # ipMode Proxy and hostname-only ingress: the load balancer proxies to the node; nothing to program.
         load_balancer("svc8", "10.96.0.80", "198.51.100.80", 0, ip_mode="Proxy"),
         endpoint_slice("svc8-x", "svc8", ["10.244.1.2"], ports=slice_port),
+        # sessionAffinity ClientIP: a first connection may go anywhere; later ones stick (lab test).
+        service("svc9", "10.96.0.90", ports=web, sessionAffinity="ClientIP"),
+        endpoint_slice("svc9-x", "svc9", ["10.244.1.2", "10.244.1.3"], ports=slice_port),
     ]
 
 
@@ -110,6 +113,16 @@ BASIC_FLOWS = [
         80,
         "10.244.1.2:8080",
         True,
+        False,
+    ),
+    Flow(
+        "pod to ClusterIP with affinity, first connection",
+        POD_CLIENT,
+        "tcp",
+        "10.96.0.90",
+        80,
+        "10.244.1.2:8080, 10.244.1.3:8080",
+        False,
         False,
     ),
     Flow("outside to an ipMode Proxy LB IP: not ours", OUTSIDE, "tcp", "198.51.100.80", 80, "", False, False),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from typing import Any
 from unittest import mock
 
 import pytest
@@ -180,11 +181,44 @@ def test_cleanup_removes_the_table() -> None:
     assert nft.list_table("ip", "kube-proxy") is None
 
 
+def _affine(timeout: int) -> Any:
+    return service(
+        "svc1",
+        "10.96.0.10",
+        sessionAffinity="ClientIP",
+        sessionAffinityConfig={"clientIP": {"timeoutSeconds": timeout}},
+    )
+
+
+def test_affinity_timeout_change_recreates_the_sets_and_restart_keeps_learned_clients() -> None:
+    st, nft = two_services(), FakeNft()
+    st.on_service(SVC1, _affine(60))
+    st.commit()
+    be = NftablesBackend(nft, OPTS)
+    be.sync(st, set(), full=True)
+    kernel_matches_render(nft, st)
+    sets = [n for n in nft.tables[("ip", "kube-proxy")].sets if n.startswith("affinity-")]
+    assert sets and all("timeout 60s" in nft.tables[("ip", "kube-proxy")].sets[n] for n in sets)
+    st.on_service(SVC1, _affine(120))
+    be.sync(st, st.commit().changed, full=False)
+    kernel_matches_render(nft, st)  # the dump includes set declarations: 120 s now
+    # The kernel learns a client; a restarted proxy's full sync must not forget it.
+    nft.tables[("ip", "kube-proxy")].elements[sets[0]]["203.0.113.10"] = None
+    NftablesBackend(nft, OPTS).sync(st, set(), full=True)
+    assert "203.0.113.10" in nft.tables[("ip", "kube-proxy")].elements[sets[0]]
+    # Affinity off: the sets go, in the same transaction that stops referring to them.
+    st.on_service(SVC1, service("svc1", "10.96.0.10"))
+    st.commit()
+    be2 = NftablesBackend(nft, OPTS)
+    be2.sync(st, set(), full=True)
+    assert not [n for n in nft.tables[("ip", "kube-proxy")].sets if n.startswith("affinity-")]
+
+
 @settings(max_examples=60, deadline=None)
 @given(
     steps=st.lists(
         st.tuples(
-            st.sampled_from(["svc", "slice", "delete-svc", "delete-slice", "node"]),
+            st.sampled_from(["svc", "affinity", "slice", "delete-svc", "delete-slice", "node"]),
             st.integers(min_value=0, max_value=3),  # which Service
             st.lists(st.integers(min_value=2, max_value=6), max_size=3),  # endpoint host bytes
         ),
@@ -206,6 +240,10 @@ def test_any_sequence_of_partial_syncs_leaves_the_kernel_equal_to_a_fresh_render
             state.on_service(
                 NamespacedName("ns1", name), service(name, f"10.96.0.{10 + i % 2}", type=kind, ports=ports)
             )
+        elif op == "affinity":  # ClientIP affinity; the timeout varies, so sets get re-created too
+            affinity = {"clientIP": {"timeoutSeconds": 60 + len(hosts)}}
+            svc = service(name, f"10.96.0.{10 + i % 2}", sessionAffinity="ClientIP", sessionAffinityConfig=affinity)
+            state.on_service(NamespacedName("ns1", name), svc)
         elif op == "slice":
             state.on_endpoint_slice(("ns1", f"s{i}"), endpoint_slice(f"s{i}", name, [f"10.244.1.{h}" for h in hosts]))
         elif op == "delete-svc":

@@ -25,6 +25,7 @@ from kubeproxy.kernel.nft import NftCli
 from kubeproxy.lab.cluster import Lab
 from kubeproxy.lab.netns import lab_unavailable_reason, run
 from kubeproxy.lab.probe import Outcome, spread, tcp_probe, udp_probe
+from kubeproxy.model.service import NamespacedName
 from kubeproxy.state.snapshot import ProxyState
 from waiting import wait_until
 
@@ -227,3 +228,29 @@ def test_daemon_from_manifests_programs_node_and_follows_changes(lab: Lab, tmp_p
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_session_affinity_sticks_and_can_be_switched_off_and_on(lab: Lab) -> None:
+    nft = NftCli(netns=lab.node_ns)
+    backend = NftablesBackend(nft, OPTS)
+    ports = [{"name": "http", "port": 80}]
+    slice_ports = [{"name": "http", "port": 8080}]
+    sticky = service("aff", "10.96.0.91", ports=ports, sessionAffinity="ClientIP",
+                     sessionAffinityConfig={"clientIP": {"timeoutSeconds": 30}})  # fmt: skip
+    st = state_with(node(), sticky, endpoint_slice("aff-x", "aff", ["10.244.1.2", "10.244.1.3"], ports=slice_ports))
+    key = NamespacedName("ns1", "aff")
+    client = lab.pods["client"].netns
+    try:
+        backend.sync(st, set(), full=True)
+        answers = spread(client, "10.96.0.91", 80, PROBES)
+        assert len(set(answers)) == 1, answers  # P(24 random picks all equal) = 2**-23
+        # Off: the same client is spread again (live Service, partial sync).
+        st.on_service(key, service("aff", "10.96.0.91", ports=ports))
+        backend.sync(st, st.commit().changed, full=False)
+        assert set(spread(client, "10.96.0.91", 80, PROBES)) == {"a", "b"}
+        # On again: sticky again.
+        st.on_service(key, sticky)
+        backend.sync(st, st.commit().changed, full=False)
+        assert len(set(spread(client, "10.96.0.91", 80, PROBES))) == 1
+    finally:
+        backend.cleanup()

@@ -176,6 +176,9 @@ class FakeNft:
                 table.elements[name] = {}
             else:
                 self._need_set(table, name)
+                for chain, rules in table.chains.items():
+                    if any(f"@{name} " in r + " " for r in rules):
+                        raise NftError(f"Device or resource busy: set {name} is referenced from {chain}")
                 del table.sets[name], table.kinds[name], table.elements[name]
             return
         if obj == "chain":
@@ -250,6 +253,8 @@ class FakeNft:
             items.append({"chain": {"family": family, "table": table, "name": chain}})
         for name, kind in t.kinds.items():
             entry: dict[str, Any] = {"family": family, "table": table, "name": name}
+            if tm := re.search(r"\btimeout (\d+)s\b", t.sets[name]):
+                entry["timeout"] = int(tm[1])
             elems = t.elements[name]
             if elems:
                 entry["elem"] = [_elem_json(k, v) for k, v in elems.items()]
@@ -264,6 +269,7 @@ class FakeNft:
         out: list[str] = []
         for (family, table), t in sorted(self.tables.items()):
             out.append(f"table {family} {table}")
+            out.extend(f"{t.kinds[name]} {name} {{ {t.sets[name]} }}" for name in sorted(t.sets))
             for name in sorted(t.chains):
                 out.append(f"chain {name}")
                 out.extend(f"  {r}" for r in t.chains[name])

@@ -31,6 +31,7 @@ from kubeproxy.backends.nftables.render import (
     Element,
     Fragment,
     NftOptions,
+    affinity_set_declaration,
     chain_add_command,
     declarations,
     element_command,
@@ -106,6 +107,7 @@ class NftablesBackend:
         self._kernel_elements: dict[str, dict[str, str | None]] = {}
         self._kernel_chains: set[str] = set()
         self._stale: dict[str, float] = {}  # flushed service chain -> monotonic time flushed
+        self._kernel_sets: dict[str, str] = {}  # per-Service (affinity) sets in the kernel -> declaration
         self._synced_once = False
 
     # -- helpers -----------------------------------------------------------------------------
@@ -167,7 +169,11 @@ class NftablesBackend:
         # after the kernel accepted the transaction. A full sync starts from an empty record and
         # from what the kernel really holds.
         if full:
-            kernel_chains, kernel_elements = parse_table(self.nft.list_table(self.family, TABLE))
+            doc = self.nft.list_table(self.family, TABLE)
+            kernel_chains, kernel_elements = parse_table(doc)
+            kernel_sets = self._affinity_sets_of(doc)
+            # The kernel fills affinity sets itself (client addresses): never reconcile their elements.
+            kernel_elements = {k: v for k, v in kernel_elements.items() if k not in kernel_sets}
             lines += self._skeleton()
             targets: Collection[NamespacedName] = sorted(state.services)
             base_owners: dict[ElemKey, dict[Owner, str | None]] = {}
@@ -175,6 +181,7 @@ class NftablesBackend:
             old_static: frozenset[Element] = frozenset()
         else:
             kernel_chains, kernel_elements = self._kernel_chains, self._kernel_elements
+            kernel_sets = self._kernel_sets
             targets = sorted(set(changed))
             base_owners, base_fragments, old_static = self._owners, self._fragments, self._static_elements
         owner_updates: dict[ElemKey, dict[Owner, str | None]] = {}
@@ -191,12 +198,30 @@ class NftablesBackend:
         for set_name, key, value in static:
             claims((set_name, key))[None] = value
 
+        set_lines: list[str] = []  # before any chain is written
+        new_sets = dict(kernel_sets)
+        gone_sets: set[str] = set()
         for svc in targets:
             new = self._fragment(state, svc)
             old = base_fragments.get(svc, EMPTY)
             fragment_updates[svc] = new
+            rewrite: set[str] = set()
+            for set_name, decl in new.sets.items():
+                if set_name not in kernel_sets:
+                    set_lines.append(f"add set {self.family} {TABLE} {set_name} {{ {decl} ; }}")
+                elif kernel_sets[set_name] != decl:
+                    # A new timeout: the set is re-created, after emptying every chain that refers to it.
+                    referers = [c for c in kernel_chains if names.is_service_chain(c) and f"-{svc}/" in c]
+                    set_lines += [f"flush chain {self.family} {TABLE} {c}" for c in sorted(referers)]
+                    set_lines += [
+                        f"delete set {self.family} {TABLE} {set_name}",
+                        f"add set {self.family} {TABLE} {set_name} {{ {decl} ; }}",
+                    ]
+                    rewrite.update(referers)
+                new_sets[set_name] = decl
+            gone_sets |= old.sets.keys() - new.sets.keys()
             for name, rules in new.chains.items():
-                if full or old.chains.get(name) != rules or name not in kernel_chains:
+                if full or old.chains.get(name) != rules or name not in kernel_chains or name in rewrite:
                     chain_lines += self._chain_lines(name, rules)
                     written_chains.add(name)
                 stale.pop(name, None)
@@ -207,6 +232,13 @@ class NftablesBackend:
             for set_name, key, value in new.elements:
                 claims((set_name, key))[svc] = value
 
+        if full:
+            wanted_sets = {name for frag in fragment_updates.values() for name in frag.sets}
+            gone_sets |= kernel_sets.keys() - wanted_sets
+        gone_sets -= {name for frag in fragment_updates.values() for name in frag.sets}
+        gone_sets &= kernel_sets.keys()
+        for name in gone_sets:
+            new_sets.pop(name, None)
         touched: set[ElemKey] = set(owner_updates)
         if full:
             for name in kernel_chains:
@@ -240,6 +272,7 @@ class NftablesBackend:
 
         # Order matters inside one transaction: chains exist before elements point at them;
         # elements stop pointing at a chain before it is flushed; deletion comes a sync later.
+        lines += set_lines
         lines += chain_lines
         lines += self._element_lines("delete", deletes)
         lines += self._element_lines("add", adds)
@@ -251,6 +284,8 @@ class NftablesBackend:
         for name in sorted(due):
             lines.append(f"flush chain {self.family} {TABLE} {name}")
             lines.append(f"delete chain {self.family} {TABLE} {name}")
+        # Last: sets nothing refers to any more (their chains were rewritten or flushed above).
+        lines += [f"delete set {self.family} {TABLE} {name}" for name in sorted(gone_sets)]
 
         if lines:
             script = "\n".join(lines) + "\n"
@@ -278,11 +313,23 @@ class NftablesBackend:
             else:
                 self._fragments[svc] = frag
         self._kernel_elements = new_kernel
+        self._kernel_sets = new_sets
         self._static_elements = static
         self._stale = stale
         self._synced_once = True
         followup = STALE_CHAIN_DELAY if stale else None
         return SyncOutcome(full=full, commands=len(lines), services_rendered=len(targets), followup_after=followup)
+
+    def _affinity_sets_of(self, doc: dict[str, Any] | None) -> dict[str, str]:
+        """Affinity sets in an ``nft -j list table`` document, with the declaration we would write."""
+        out: dict[str, str] = {}
+        prefix = f"{names.AFFINITY}-"
+        for item in (doc or {}).get("nftables", []):
+            entry = item.get("set")
+            if entry and str(entry.get("name", "")).startswith(prefix):
+                timeout = entry.get("timeout")
+                out[entry["name"]] = affinity_set_declaration(self.opts, int(timeout)) if timeout else "?"
+        return out
 
     def cleanup(self) -> bool:
         """Remove everything this backend installed (``--cleanup``); True if there was something."""

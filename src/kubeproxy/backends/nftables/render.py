@@ -103,6 +103,7 @@ class Fragment:
 
     chains: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     elements: frozenset[Element] = frozenset()
+    sets: Mapping[str, str] = field(default_factory=dict)  # per-Service sets (session affinity): name -> declaration
 
 
 EMPTY = Fragment()
@@ -256,28 +257,67 @@ def firewall_rules(
     return (*(f"{opts.ip} saddr {src} return" for src in allowed), "drop")
 
 
+def affinity_set_declaration(opts: NftOptions, timeout: int) -> str:
+    return f"type {opts.addr_type} ; flags dynamic,timeout ; timeout {timeout}s"
+
+
+def affinity_rules(
+    svc: ServicePort,
+    endpoints: Sequence[Endpoint],
+    opts: NftOptions,
+    chains: dict[str, tuple[str, ...]],
+    sets: dict[str, str],
+) -> tuple[str, ...]:
+    """sessionAffinity ClientIP, upstream's shape: a client seen by an endpoint recently goes back to it.
+
+    Per endpoint a dynamic set ``affinity-<endpoint>`` (entries expire after timeoutSeconds) and a chain
+    ``endpoint-<endpoint>`` that refreshes the client's entry and DNATs. The Service chain first sends known
+    clients to their endpoint, then picks one at random (register-free, as without affinity).
+    """
+    assert svc.affinity_timeout is not None
+    proto, ip = svc.protocol.nft, opts.ip
+    rules: list[str] = []
+    picks: list[str] = []
+    n = len(endpoints)
+    for i, ep in enumerate(endpoints):
+        base = names.endpoint_base(svc.name, ep.ip, ep.port)
+        chain, aff = f"{names.ENDPOINT}-{base}", f"{names.AFFINITY}-{base}"
+        sets[aff] = affinity_set_declaration(opts, svc.affinity_timeout)
+        chains[chain] = (f"update @{aff} {{ {ip} saddr }}", f"meta l4proto {proto} dnat to {_dnat_target(ep)}")
+        rules.append(f"{ip} saddr @{aff} goto {chain}")
+        picks.append(f"numgen random mod {n - i} == 0 goto {chain}" if i < n - 1 else f"goto {chain}")
+    return (*rules, *picks)
+
+
 def render_service_port(
     svc: ServicePort,
     endpoints: Sequence[Endpoint],
     opts: NftOptions,
     node: NodeTopology,
     node_ips: Sequence[str] = (),
-) -> tuple[dict[str, tuple[str, ...]], set[Element]]:
+) -> tuple[dict[str, tuple[str, ...]], set[Element], dict[str, str]]:
     chains: dict[str, tuple[str, ...]] = {}
     elements: set[Element] = set()
     cluster_ip = svc.cluster_ip(opts.family)
     if cluster_ip is None:
-        return chains, elements  # not a Service of this family
+        return chains, elements, {}  # not a Service of this family
     eps = [ep for ep in endpoints if family_of(ep.ip) is opts.family]
     cat = categorize(eps, svc, node)
     spn, proto, port = svc.name, svc.protocol.nft, svc.port
     base = names.service_base(spn)
     cluster_chain, local_chain, external_chain = (f"{p}-{base}" for p in (names.SERVICE, names.LOCAL, names.EXTERNAL))
 
+    sets: dict[str, str] = {}
+
+    def balance(eps: Sequence[Endpoint]) -> tuple[str, ...]:
+        if svc.affinity_timeout is None:
+            return load_balance_rules(eps, proto)
+        return affinity_rules(svc, eps, opts, chains, sets)
+
     if cat.cluster:
-        chains[cluster_chain] = load_balance_rules(cat.cluster, proto)
+        chains[cluster_chain] = balance(cat.cluster)
     if cat.local:
-        chains[local_chain] = load_balance_rules(cat.local, proto)
+        chains[local_chain] = balance(cat.local)
     for ep in cat.all_reachable:
         if ep.node_name == node.name:
             elements.add((HAIRPIN, f"{ep.ip} . {ep.ip} . {proto} . {ep.port}", None))
@@ -330,7 +370,7 @@ def render_service_port(
             elements.add((SERVICE_NODEPORTS, np_key, f"goto {external_chain}"))
         if external_verdict is not None:
             elements.add((NO_ENDPOINT_NODEPORTS, np_key, external_verdict))
-    return chains, elements
+    return chains, elements, sets
 
 
 def render_service(
@@ -343,11 +383,15 @@ def render_service(
     """One Service (all its ports) as a Fragment."""
     chains: dict[str, tuple[str, ...]] = {}
     elements: set[Element] = set()
+    sets: dict[str, str] = {}
     for svc in sorted(ports, key=lambda p: p.name):
-        port_chains, port_elements = render_service_port(svc, endpoints_of(svc), opts, node, node_ips)
+        port_chains, port_elements, port_sets = render_service_port(svc, endpoints_of(svc), opts, node, node_ips)
         chains.update(port_chains)
         elements |= port_elements
-    return Fragment(chains=chains, elements=frozenset(elements)) if chains or elements else EMPTY
+        sets.update(port_sets)
+    if not (chains or elements):
+        return EMPTY
+    return Fragment(chains=chains, elements=frozenset(elements), sets=sets)
 
 
 def assemble(
@@ -357,14 +401,18 @@ def assemble(
 ) -> Ruleset:
     """Combine the skeleton and Service fragments into a whole table (first owner of a key wins)."""
     chains: dict[str, tuple[str, ...]] = dict(static_chains(opts))
-    elements: dict[str, dict[str, str | None]] = {name: {} for name in declarations(opts)}
+    decls = declarations(opts)
+    elements: dict[str, dict[str, str | None]] = {name: {} for name in decls}
     for set_name, key, value in static_elements:
         elements[set_name][key] = value
     for frag in fragments:
         chains.update(frag.chains)
+        for set_name, decl in frag.sets.items():
+            decls.setdefault(set_name, decl)
+            elements.setdefault(set_name, {})
         for set_name, key, value in sorted(frag.elements, key=lambda e: (e[0], e[1], e[2] or "")):
             elements[set_name].setdefault(key, value)
-    return Ruleset(family=opts.nft_family, declarations=declarations(opts), chains=chains, elements=elements)
+    return Ruleset(family=opts.nft_family, declarations=decls, chains=chains, elements=elements)
 
 
 def render_all(

@@ -81,6 +81,9 @@ _MATCHERS: list[tuple[re.Pattern[str], _Match]] = [
     (re.compile(r"ct state new "), lambda c, m: True),
     (re.compile(r"ct status dnat "), lambda c, m: c.dnatted),
     (re.compile(r"ip6? daddr @(\S+) "), lambda c, m: c.daddr in c.elems(m[1])),
+    # Dynamic (affinity) sets: the tracer follows a client's FIRST connection, so they hold what the
+    # ruleset says (nothing, for sets the kernel fills itself).
+    (re.compile(r"ip6? saddr @(\S+) "), lambda c, m: c.packet.source in c.elems(m[1])),
     (
         re.compile(r"ip6? saddr (!= )?(\{[^}]*\}|[0-9a-f][0-9a-f.:/]*) "),
         lambda c, m: _in_cidrs(c.packet.source, m[2]) != bool(m[1]),
@@ -150,6 +153,8 @@ def _statement(ctx: _Ctx, stmt: str, depth: int) -> str | None:
             ctx.targets.append((m[2], int(m[3])))
             return "accept"
         return None
+    if re.fullmatch(r"update @\S+ \{ ip6? saddr \}", stmt):
+        return None  # remembers the client for next time; no effect on this packet
     if stmt in ("reject", "drop", "return"):
         return stmt
     raise TraceError(f"unrecognised rule shape: {stmt!r}")
