@@ -4,7 +4,6 @@ interval, failure -> retry with a full sync. Asserts counts and order, never wal
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -18,6 +17,7 @@ from kubeproxy.lab.apiserver import FakeApiServer
 from kubeproxy.model import objects
 from kubeproxy.runner import SyncRunner
 from kubeproxy.sources.events import Change, ChangeType, ObjectKey
+from waiting import eventually
 
 
 def change(obj: object, kind: str, ns: str, name: str) -> Change:
@@ -224,9 +224,9 @@ def test_daemon_from_the_api_server_programs_and_follows_changes() -> None:
         async def scenario() -> None:
             stop = asyncio.Event()
             task = asyncio.create_task(daemon.run(cfg, nft=nft, stop=stop))
-            await _until(lambda: "10.244.1.2" in nft.dump())
+            await eventually(lambda: "10.244.1.2" in nft.dump())
             await asyncio.to_thread(server.apply, _api_slice("10.244.1.3"))
-            await _until(lambda: "10.244.1.3" in nft.dump() and "10.244.1.2" not in nft.dump())
+            await eventually(lambda: "10.244.1.3" in nft.dump() and "10.244.1.2" not in nft.dump())
             stop.set()
             assert await task == 0
 
@@ -245,11 +245,3 @@ def test_missing_permission_stops_startup_with_exit_1(
         server.forbid("list", "endpointslices")
         assert main([f"--master={server.url}", "--hostname-override=node1"]) == 1
     assert "kube-proxy needs verb=list on resource=endpointslices" in capsys.readouterr().err
-
-
-async def _until(pred: Callable[[], bool], timeout: float = 10.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not pred():
-        assert loop.time() < deadline, "condition not reached"
-        await asyncio.sleep(0.02)

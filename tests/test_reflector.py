@@ -30,6 +30,7 @@ from kubeproxy.sources.errors import AccessDenied
 from kubeproxy.sources.events import Change, ChangeType, ObjectKey
 from kubeproxy.sources.kubeconfig import ClientSettings, Credentials, load_kubeconfig
 from kubeproxy.sources.reflector import Reflector, ResourceSpec, Tuning
+from waiting import eventually
 
 FAST = Tuning(page_size=3, watch_timeout_min=30, idle_timeout=1.0, backoff_initial=0.05, backoff_max=0.2)
 SERVICES = ResourceSpec("Service", "services", "/api/v1/services", PROXY_LABEL_SELECTOR, "spec.clusterIP!=None")
@@ -64,14 +65,6 @@ class View:
 
     def types(self, name: str) -> list[ChangeType]:
         return [c.type for c in self.changes if c.key.name == name]
-
-
-async def eventually(pred: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.02)
 
 
 async def call(fn: Callable[..., Any], *args: Any) -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 
@@ -14,3 +15,12 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 15.0, interval: f
             return True
         time.sleep(interval)
     return False
+
+
+async def eventually(predicate: Callable[[], bool], timeout: float = 10.0, interval: float = 0.02) -> None:
+    """The same, inside an event loop (the loop keeps running while we wait); AssertionError on timeout."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(interval)

@@ -152,8 +152,7 @@ class ApiClient:
             buf = bytearray()
             while True:
                 try:
-                    async with asyncio.timeout(idle_timeout):
-                        chunk = await resp.content.readany()
+                    chunk = await resp.content.readany()  # sock_read=idle_timeout bounds this read
                 except TimeoutError as exc:
                     raise ApiError(
                         f"no data for {idle_timeout:g}s, stream stalled",

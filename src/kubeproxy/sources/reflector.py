@@ -92,10 +92,6 @@ _EVENT_DECODER = msgspec.json.Decoder(_Event)
 _META_DECODER = msgspec.json.Decoder(_MetaOnly)
 
 
-class _Relist(Exception):
-    """Internal: the watch must be replaced by a fresh list (410 Gone)."""
-
-
 class Reflector:
     def __init__(
         self,
@@ -147,19 +143,14 @@ class Reflector:
                     failures = 0
                     self._recovered()
                     continue
-            except _Relist:
-                need_list = True
-                if time.monotonic() - last_list >= 1.0:
-                    failures = 0
-                    continue
-                failures += 1  # relisting again right after a list: back off, never spin
             except ApiError as exc:
-                if exc.expired:
+                if exc.expired:  # HTTP 410 or a watch ERROR event with code 410
                     log.info("resourceVersion expired, relisting kind=%s error=%r", self.spec.kind, str(exc))
                     need_list = True
                     if time.monotonic() - last_list >= 1.0:
+                        failures = 0
                         continue
-                    failures += 1
+                    failures += 1  # relisting again right after a list: back off, never spin
                 elif exc.denied and not self.synced:
                     raise AccessDenied(
                         exc.message, status=exc.status, reason=exc.reason, verb=exc.verb, resource=exc.resource
@@ -335,10 +326,7 @@ class Reflector:
             return
         if etype == "ERROR":
             err = status_error(bytes(event.object), status=500, verb="watch", resource=self.spec.resource)
-            if err.expired:
-                log.info("watch expired, relisting kind=%s error=%r", self.spec.kind, err.message)
-                raise _Relist
-            raise err
+            raise err  # a 410 makes run() relist
         if etype not in ("ADDED", "MODIFIED", "DELETED"):
             log.warning("unknown watch event type, ignored kind=%s type=%r", self.spec.kind, etype)
             return

@@ -233,8 +233,7 @@ class NftablesBackend:
                 claims((set_name, key))[svc] = value
 
         if full:
-            wanted_sets = {name for frag in fragment_updates.values() for name in frag.sets}
-            gone_sets |= kernel_sets.keys() - wanted_sets
+            gone_sets |= kernel_sets.keys()
         gone_sets -= {name for frag in fragment_updates.values() for name in frag.sets}
         gone_sets &= kernel_sets.keys()
         for name in gone_sets:
