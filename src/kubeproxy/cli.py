@@ -23,10 +23,14 @@ from kubeproxy import __version__
 from kubeproxy.config import (
     IMPLEMENTED_MODES,
     ConfigError,
+    ConntrackConfig,
+    DetectLocalMode,
     ProxyConfig,
     ProxyMode,
+    check_local_detection,
     kubeconfig_from_config_file,
     parse_cluster_cidrs,
+    parse_nodeport_addresses,
 )
 from kubeproxy.observe import logging as klog
 
@@ -35,9 +39,7 @@ log = logging.getLogger("kubeproxy.cli")
 # Upstream flags we accept but do not implement yet: reported once, never silently ignored.
 _UNSUPPORTED_FLAGS = (
     "write-config-to", "feature-gates", "bind-address",
-    "healthz-bind-address", "metrics-bind-address", "nodeport-addresses", "detect-local-mode",
-    "pod-bridge-interface", "pod-interface-name-prefix", "conntrack-max-per-core", "conntrack-min",
-    "conntrack-tcp-timeout-established", "conntrack-tcp-timeout-close-wait", "oom-score-adj",
+    "healthz-bind-address", "metrics-bind-address", "oom-score-adj",
     "config-sync-period", "kube-api-qps", "kube-api-burst", "kube-api-content-type",
     "ipvs-sync-period", "ipvs-min-sync-period", "ipvs-scheduler",
 )  # fmt: skip
@@ -75,6 +77,26 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--config", type=Path, help="KubeProxyConfiguration file (only clientConnection.kubeconfig so far)")
     p.add_argument("--hostname-override", default="", help="use this name instead of the hostname as node name")
     p.add_argument("--cluster-cidr", default="", help="pod CIDR(s); traffic from outside is masqueraded")
+    p.add_argument(
+        "--detect-local-mode",
+        default="ClusterCIDR",
+        help="how local (pod) traffic is detected: ClusterCIDR, NodeCIDR, BridgeInterface or InterfaceNamePrefix",
+    )
+    p.add_argument("--pod-bridge-interface", default="", help="bridge the pods hang off (BridgeInterface mode)")
+    p.add_argument("--pod-interface-name-prefix", default="", help="pod interface prefix (InterfaceNamePrefix mode)")
+    p.add_argument(
+        "--nodeport-addresses",
+        default="",
+        help="CIDRs and keywords (primary, localhost, all) of the node addresses that accept NodePorts "
+        "(default: primary)",
+    )
+    p.add_argument("--conntrack-max-per-core", type=int, default=32768, help="conntrack entries per CPU (0: leave)")
+    p.add_argument("--conntrack-min", type=int, default=131072, help="minimum nf_conntrack_max")
+    p.add_argument("--conntrack-tcp-timeout-established", type=goduration, default=86400.0, help="(24h0m0s)")
+    p.add_argument("--conntrack-tcp-timeout-close-wait", type=goduration, default=3600.0, help="(1h0m0s)")
+    p.add_argument("--conntrack-tcp-be-liberal", nargs="?", const=True, default=False, type=gobool)
+    p.add_argument("--conntrack-udp-timeout", type=goduration, default=0.0, help="UDP timeout (0: leave)")
+    p.add_argument("--conntrack-udp-timeout-stream", type=goduration, default=0.0, help="UDP stream timeout")
     p.add_argument("--masquerade-all", nargs="?", const=True, default=False, type=gobool)
     p.add_argument("--iptables-masquerade-bit", type=int, default=14, help="packet mark bit for SNAT (0-31)")
     p.add_argument("--iptables-min-sync-period", type=goduration, default=1.0, help="minimum sync interval (1s)")
@@ -100,6 +122,30 @@ def config_from_args(argv: Sequence[str]) -> ProxyConfig:
         raise ConfigError(f"--proxy-mode={mode.value} is not implemented yet (implemented: nftables)")
     if not 0 <= args.iptables_masquerade_bit <= 31:
         raise ConfigError(f"--iptables-masquerade-bit: {args.iptables_masquerade_bit} not in 0-31")
+    try:
+        detect_local = DetectLocalMode(args.detect_local_mode or "ClusterCIDR")
+    except ValueError as exc:
+        modes = ", ".join(m.value for m in DetectLocalMode)
+        raise ConfigError(f"--detect-local-mode: unknown mode {args.detect_local_mode!r} (one of {modes})") from exc
+    cluster_cidrs = parse_cluster_cidrs(args.cluster_cidr)
+    check_local_detection(
+        detect_local,
+        cluster_cidrs=cluster_cidrs,
+        bridge=args.pod_bridge_interface,
+        prefix=args.pod_interface_name_prefix,
+    )
+    for flag in ("conntrack_max_per_core", "conntrack_min"):
+        if getattr(args, flag) < 0:
+            raise ConfigError(f"--{flag.replace('_', '-')}: {getattr(args, flag)} must not be negative")
+    conntrack = ConntrackConfig(
+        max_per_core=args.conntrack_max_per_core,
+        min=args.conntrack_min,
+        tcp_timeout_established=args.conntrack_tcp_timeout_established or None,
+        tcp_timeout_close_wait=args.conntrack_tcp_timeout_close_wait or None,
+        tcp_be_liberal=args.conntrack_tcp_be_liberal,
+        udp_timeout=args.conntrack_udp_timeout,
+        udp_timeout_stream=args.conntrack_udp_timeout_stream,
+    )
     kubeconfig = args.kubeconfig
     if args.config is not None:
         log.warning("config file: only clientConnection.kubeconfig is applied so far path=%s", args.config)
@@ -110,7 +156,12 @@ def config_from_args(argv: Sequence[str]) -> ProxyConfig:
         kubeconfig=kubeconfig,
         master=args.master,
         hostname_override=args.hostname_override,
-        cluster_cidrs=parse_cluster_cidrs(args.cluster_cidr),
+        cluster_cidrs=cluster_cidrs,
+        detect_local_mode=detect_local,
+        pod_bridge_interface=args.pod_bridge_interface,
+        pod_interface_name_prefix=args.pod_interface_name_prefix,
+        nodeport_addresses=parse_nodeport_addresses(args.nodeport_addresses),
+        conntrack=conntrack,
         masquerade_all=args.masquerade_all,
         masquerade_bit=args.iptables_masquerade_bit,
         min_sync_period=args.iptables_min_sync_period,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 import ipaddress
+import re
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,34 @@ class ProxyMode(enum.StrEnum):
 IMPLEMENTED_MODES = (ProxyMode.NFTABLES,)
 
 
+class DetectLocalMode(enum.StrEnum):
+    """How "traffic from a pod on this node / in the cluster" is recognised (upstream detectLocalMode)."""
+
+    CLUSTER_CIDR = "ClusterCIDR"  # source inside --cluster-cidr (one CIDR per family)
+    NODE_CIDR = "NodeCIDR"  # source inside this Node's spec.podCIDRs
+    BRIDGE_INTERFACE = "BridgeInterface"  # arrived on --pod-bridge-interface
+    INTERFACE_NAME_PREFIX = "InterfaceNamePrefix"  # arrived on an interface named --pod-interface-name-prefix*
+
+
+NODEPORT_KEYWORDS = ("primary", "localhost", "all")
+
+
+@dataclass(frozen=True, slots=True)
+class ConntrackConfig:
+    """Conntrack sysctls kube-proxy sets at startup (upstream KubeProxyConntrackConfiguration).
+
+    Durations are seconds; ``None`` (or 0 for the UDP timeouts) means "leave the kernel's value".
+    """
+
+    max_per_core: int = 32768
+    min: int = 131072
+    tcp_timeout_established: float | None = 86400.0
+    tcp_timeout_close_wait: float | None = 3600.0
+    tcp_be_liberal: bool = False
+    udp_timeout: float = 0.0
+    udp_timeout_stream: float = 0.0
+
+
 @dataclass(frozen=True, slots=True)
 class ProxyConfig:
     mode: ProxyMode = ProxyMode.NFTABLES
@@ -34,6 +63,11 @@ class ProxyConfig:
     master: str = ""  # --master: overrides the kubeconfig's server
     hostname_override: str = ""
     cluster_cidrs: tuple[str, ...] = ()
+    detect_local_mode: DetectLocalMode = DetectLocalMode.CLUSTER_CIDR
+    pod_bridge_interface: str = ""
+    pod_interface_name_prefix: str = ""
+    nodeport_addresses: tuple[str, ...] = ()  # CIDRs and keywords; empty: nftables' default ("primary")
+    conntrack: ConntrackConfig = ConntrackConfig()
     masquerade_all: bool = False
     masquerade_bit: int = 14
     min_sync_period: float = 1.0
@@ -89,3 +123,32 @@ def parse_cluster_cidrs(value: str) -> tuple[str, ...]:
     if len(families) != len(set(families)):
         raise ConfigError(f"--cluster-cidr: at most one CIDR per IP family, got {value!r}")
     return tuple(out)
+
+
+def parse_nodeport_addresses(value: str) -> tuple[str, ...]:
+    """``--nodeport-addresses``: comma-separated CIDRs and the keywords primary, localhost, all."""
+    out: list[str] = []
+    for part in filter(None, (p.strip() for p in value.split(","))):
+        if part in NODEPORT_KEYWORDS:
+            out.append(part)
+            continue
+        try:
+            out.append(str(ipaddress.ip_network(part, strict=False)))
+        except ValueError as exc:
+            raise ConfigError(
+                f"--nodeport-addresses: {part!r} is neither a CIDR nor one of {', '.join(NODEPORT_KEYWORDS)}"
+            ) from exc
+    return tuple(dict.fromkeys(out))
+
+
+_INTERFACE_NAME = re.compile(r"^[^/\s\x00:]{1,15}$")
+
+
+def check_local_detection(mode: DetectLocalMode, *, cluster_cidrs: tuple[str, ...], bridge: str, prefix: str) -> None:
+    """Upstream's validation: the mode's parameter must be given (ClusterCIDR may run without)."""
+    if mode is DetectLocalMode.BRIDGE_INTERFACE and not _INTERFACE_NAME.match(bridge):
+        raise ConfigError(f"--pod-bridge-interface: {bridge!r} is not a valid interface name (BridgeInterface mode)")
+    if mode is DetectLocalMode.INTERFACE_NAME_PREFIX and not _INTERFACE_NAME.match(prefix):
+        raise ConfigError(
+            f"--pod-interface-name-prefix: {prefix!r} is not a valid interface name prefix (InterfaceNamePrefix mode)"
+        )

@@ -15,6 +15,8 @@ import gc
 import logging
 import signal
 import time
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
 
 from kubeproxy.backends.nftables.backend import NftablesBackend
 from kubeproxy.backends.nftables.render import NftOptions
@@ -28,9 +30,13 @@ from kubeproxy.sources import kubeconfig
 from kubeproxy.sources.api import ApiSource
 from kubeproxy.sources.events import Change
 from kubeproxy.sources.manifests import ManifestDirectory
-from kubeproxy.state.snapshot import ProxyState
+from kubeproxy.state.snapshot import ProxyState, UpdateResult
 
 log = logging.getLogger("kubeproxy.daemon")
+
+# Called after every sync that the kernel accepted for all families: (state, what changed, was it full).
+# A hook's failure is logged and never fails the sync (the rules are in already).
+AfterSync = Callable[[ProxyState, UpdateResult, bool], Awaitable[None]]
 
 
 def build_backends(cfg: ProxyConfig, nft: Nft) -> list[NftablesBackend]:
@@ -64,6 +70,7 @@ class Proxy:
         self._need_full = True
         self._last_full = 0.0
         self.synced = asyncio.Event()  # set after the first successful sync (tests, demo)
+        self.after_sync: list[AfterSync] = []
 
     def on_change(self, change: Change) -> None:
         kind, ns, name = change.key
@@ -117,6 +124,11 @@ class Proxy:
         self._need_full = False
         if full:
             self._last_full = start
+        for hook in self.after_sync:
+            try:
+                await hook(self.state, result, full)
+            except Exception:
+                log.exception("post-sync step failed step=%s", getattr(hook, "__qualname__", hook))
         self.synced.set()
         return min(followups) if followups else None
 
@@ -142,9 +154,13 @@ async def run(cfg: ProxyConfig, *, nft: Nft | None = None, stop: asyncio.Event |
         f"manifests {cfg.manifests}" if isinstance(source, ManifestDirectory) else f"api {source.settings.server}",
         ",".join(cfg.cluster_cidrs) or "-",
     )
+    # Node-level setup, servers and post-sync steps attach here; each extra is a named coroutine
+    # that runs until ``stop`` is set.
+    extras: dict[str, Coroutine[Any, Any, None]] = {}
     tasks = [
         asyncio.create_task(source.run(proxy.on_change, proxy.on_synced, stop=stop), name="source"),
         asyncio.create_task(proxy.runner.run(stop), name="runner"),
+        *(asyncio.create_task(coro, name=name) for name, coro in extras.items()),
     ]
     try:
         done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
