@@ -136,7 +136,7 @@ def test_bad_pod_requests_are_refused(lab: Lab) -> None:
         with pytest.raises(LabError):
             lab.add_pod(name, ip)
     with pytest.raises(LabError, match="ipv6"):
-        lab.add_pod("pod-g", "10.244.1.8", ip6="fd00:10:244:1::8")
+        lab.add_pod("pod-g", "10.244.1.8", ip6="fd00:10:244::1:8")
     with pytest.raises(LabError, match="not a namespace of this lab"):
         lab.exec("kpscratch-not-ours", ["true"])
     # Failed requests leave nothing behind.
@@ -174,17 +174,17 @@ def _host_view() -> dict[str, Any]:
 def test_host_namespace_is_untouched() -> None:
     before = _host_view()
     with Lab(ipv6=True) as lab:
-        lab.add_pod("pod-a", "10.244.1.2", ip6="fd00:10:244:1::2")
-        lab.add_pod("pod-b", "10.244.1.3", ip6="fd00:10:244:1::3")
+        lab.add_pod("pod-a", "10.244.1.2", ip6="fd00:10:244::1:2")
+        lab.add_pod("pod-b", "10.244.1.3", ip6="fd00:10:244::1:3")
         assert _host_view() == before
     assert _host_view() == before
 
 
 def test_ipv6_pods_answer(tmp_path: Path) -> None:
     with Lab(ipv6=True) as lab:
-        assert lab.gateway_ip6 == "fd00:10:244:1::1"
-        a = lab.add_pod("pod-a", "10.244.1.2", udp_ports=(53,), ip6="fd00:10:244:1::2")
-        b = lab.add_pod("pod-b", "10.244.1.3", udp_ports=(53,), ip6="fd00:10:244:1::3")
+        assert lab.gateway_ip6 == "fd00:10:244::1:1"
+        a = lab.add_pod("pod-a", "10.244.1.2", udp_ports=(53,), ip6="fd00:10:244::1:2")
+        b = lab.add_pod("pod-b", "10.244.1.3", udp_ports=(53,), ip6="fd00:10:244::1:3")
         assert a.ip6 is not None
         assert b.ip6 is not None
         node_side = {lab.gateway_ip6, lab.node_ip6}

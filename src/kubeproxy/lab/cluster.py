@@ -258,8 +258,8 @@ class Lab:
         tag: str | None = None,
         ipv6: bool = False,
         node_ip6: str = "fd00:50::1",
-        client_ip6: str = "fd00:50::c8",
-        pod_cidr6: str = "fd00:10:244:1::/64",
+        client_ip6: str = "fd00:203:0:113::10",
+        pod_cidr6: str = "fd00:10:244::1:0/112",
     ) -> None:
         self.tag = secrets.token_hex(3) if tag is None else tag
         if not _TAG_RE.fullmatch(self.tag):
