@@ -38,15 +38,16 @@ def endpoint_slice(
     node: str | None = NODE,
     conditions: dict[str, bool] | None = None,
     address_type: str = "IPv4",
+    endpoints: list[dict[str, Any]] | None = None,
 ) -> objects.EndpointSlice:
+    """One endpoint per address (ready, on ``node``); ``endpoints`` gives full endpoint dicts instead."""
     obj = objects.from_builtins(
         "EndpointSlice",
         {
             "metadata": {"name": name, "namespace": namespace, "labels": {"kubernetes.io/service-name": service_name}},
             "addressType": address_type,
-            "endpoints": [
-                {"addresses": [a], "nodeName": node, "conditions": conditions or {"ready": True}} for a in addresses
-            ],
+            "endpoints": endpoints
+            or [{"addresses": [a], "nodeName": node, "conditions": conditions or {"ready": True}} for a in addresses],
             "ports": ports or [{"name": "p80", "port": 80}],
         },
     )
@@ -54,9 +55,16 @@ def endpoint_slice(
     return obj
 
 
-def node(name: str = NODE, ip: str = NODE_IP) -> objects.Node:
+def node(
+    name: str = NODE, ip: str = NODE_IP, *, labels: dict[str, str] | None = None, pod_cidrs: list[str] | None = None
+) -> objects.Node:
     obj = objects.from_builtins(
-        "Node", {"metadata": {"name": name}, "status": {"addresses": [{"type": "InternalIP", "address": ip}]}}
+        "Node",
+        {
+            "metadata": {"name": name, "labels": labels or {}},
+            "spec": {"podCIDRs": pod_cidrs or []},
+            "status": {"addresses": [{"type": "InternalIP", "address": ip}]},
+        },
     )
     assert isinstance(obj, objects.Node)
     return obj
