@@ -54,6 +54,7 @@ _V6_CIDRS = {
     "203.0.113.0/24": "fd00:203:0:113::/64",
     "198.51.100.0/24": "fd00:198:51:100::/64",
     "192.0.2.0/24": "fd00:192:0:2::/64",
+    "192.168.50.200/29": "fd00:50::200/125",
 }
 
 
@@ -61,6 +62,8 @@ def v6(text: str) -> str:
     """The IPv6 twin of a lab IPv4 address or CIDR (KeyError/ValueError for anything off-plan)."""
     if "/" in text:
         return _V6_CIDRS[str(ipaddress.ip_network(text))]
+    if text == "127.0.0.1":
+        return "::1"
     for v4_prefix, v6_prefix in _V6_PREFIXES:
         if text.startswith(v4_prefix):
             return str(ipaddress.ip_address(v6_prefix + text[len(v4_prefix) :].replace(".", ":")))
@@ -246,10 +249,11 @@ class Flow:
     masquerade: bool
     lab: bool = True  # also run with real packets (needs a route from the source in the lab)
     family: IPFamily = V4
+    variant: str = ""  # proxy options other than the default (OPTION_VARIANTS)
 
     @property
     def id(self) -> str:
-        return f"{self.name} [{'ipv4' if self.family is V4 else 'ipv6'}]"
+        return f"{self.variant + ': ' if self.variant else ''}{self.name} [{'ipv4' if self.family is V4 else 'ipv6'}]"
 
 
 AB, A, B, C = "10.244.1.2:8080, 10.244.1.3:8080", "10.244.1.2:8080", "10.244.1.3:8080", "10.244.1.4:8080"
@@ -318,9 +322,10 @@ def _translate_output(output: str) -> str:
     return ", ".join(targets)
 
 
-def flows(family: IPFamily) -> list[Flow]:
+def flows(family: IPFamily, table: list[Flow] | None = None) -> list[Flow]:
+    table = BASIC_FLOWS if table is None else table
     if family is V4:
-        return BASIC_FLOWS
+        return table
     return [
         replace(
             f,
@@ -329,7 +334,7 @@ def flows(family: IPFamily) -> list[Flow]:
             output=_translate_output(f.output),
             family=V6,
         )
-        for f in BASIC_FLOWS
+        for f in table
     ]
 
 
@@ -340,3 +345,103 @@ def expected_pods(flow: Flow) -> set[str]:
     """Pod names behind a flow's output ("ip:port, ..." in either family)."""
     names = {addr(ip, flow.family): name for ip, name in PODS.items()}
     return {names[t.strip().rsplit(":", 1)[0].strip("[]")] for t in flow.output.split(",")}
+
+
+# --- proxy options: local-traffic detection, masqueradeAll, nodePortAddresses ---------------------
+
+SECOND_NODE_IP = "192.168.50.201"  # another address on the node's eth0 (nodePortAddresses rows)
+# The node-side veth of each lab pod (Lab names them kp<N>-<pod> in creation order): the input
+# interface of the pod's packets, for interface-based local detection.
+IIF = {"10.244.1.2": "kp1-a", "10.244.1.3": "kp2-b", "10.244.1.4": "kp3-c", POD_CLIENT: "kp4-client", OUTSIDE: "eth0"}
+
+OPTION_VARIANTS: dict[str, dict[str, Any]] = {
+    # NftOptions fields in IPv4 terms (CIDRs are translated for IPv6).
+    "NodeCIDR": {"node_cidr": True},
+    "BridgeInterface": {"local_interface": "kp4-client"},
+    "InterfaceNamePrefix": {"local_interface": "kp*"},
+    "masqueradeAll": {"masquerade_all": True, "cluster_cidrs": (CLUSTER_CIDR,)},
+    "nodePortAddresses primary": {"cluster_cidrs": (CLUSTER_CIDR,)},
+    "nodePortAddresses all": {"cluster_cidrs": (CLUSTER_CIDR,), "nodeport_addresses": ("all",)},
+    "nodePortAddresses CIDR": {"cluster_cidrs": (CLUSTER_CIDR,), "nodeport_addresses": ("192.168.50.200/29",)},
+    "nodePortAddresses localhost": {"cluster_cidrs": (CLUSTER_CIDR,), "nodeport_addresses": ("localhost",)},
+}
+NODE_POD_CIDR = "10.244.1.0/26"  # NodeCIDR variant: pods a, b, c are inside, the client pod (.100) is not
+
+
+def variant_options(variant: str, family: IPFamily) -> Any:
+    from kubeproxy.backends.nftables.render import NftOptions
+
+    fields = dict(OPTION_VARIANTS[variant])
+    if "cluster_cidrs" in fields:
+        fields["cluster_cidrs"] = tuple(addr(c, family) for c in fields["cluster_cidrs"])
+    if "nodeport_addresses" in fields:
+        fields["nodeport_addresses"] = tuple(
+            a if a in ("all", "primary", "localhost") else addr(a, family) for a in fields["nodeport_addresses"]
+        )
+    return NftOptions(family=family, **fields)
+
+
+def variant_objects(variant: str, family: IPFamily) -> list[objects.KubeObject]:
+    objs = basic_objects()
+    if variant == "NodeCIDR":
+        objs[0] = node(labels={objects.TOPOLOGY_ZONE_LABEL: ZONE}, pod_cidrs=[NODE_POD_CIDR])
+    return [to_family(o, family) for o in objs]
+
+
+def _variant(variant: str, rows: list[Flow]) -> list[Flow]:
+    return [replace(f, variant=variant) for f in rows]
+
+
+OPTION_FLOWS = [
+    *_variant("NodeCIDR", [
+        Flow("pod inside the node's pod CIDR to ClusterIP", "10.244.1.2", "tcp", "10.96.0.20", 80, C, False),
+        Flow("pod outside the node's pod CIDR to ClusterIP", POD_CLIENT, "tcp", "10.96.0.20", 80, C, True),
+        Flow("local pod to ETP=Local ExternalIP short-circuits", "10.244.1.4", "tcp", "198.51.100.100", 80, AB, False),
+        Flow("non-local source to ETP=Local ExternalIP", POD_CLIENT, "tcp", "198.51.100.100", 80, A, False),
+    ]),
+    *_variant("BridgeInterface", [
+        Flow("pod on the bridge to ClusterIP", POD_CLIENT, "tcp", "10.96.0.20", 80, C, False),
+        Flow("pod on another interface to ClusterIP", "10.244.1.2", "tcp", "10.96.0.20", 80, C, True),
+        Flow("outside to ClusterIP", OUTSIDE, "tcp", "10.96.0.20", 80, C, True),
+    ]),
+    *_variant("InterfaceNamePrefix", [
+        Flow("pod to ClusterIP", POD_CLIENT, "tcp", "10.96.0.20", 80, C, False),
+        Flow("another pod to ClusterIP", "10.244.1.2", "tcp", "10.96.0.20", 80, C, False),
+        Flow("outside to ClusterIP", OUTSIDE, "tcp", "10.96.0.20", 80, C, True),
+        Flow("pod to ETP=Local ExternalIP short-circuits", POD_CLIENT, "tcp", "198.51.100.100", 80, AB, False),
+        Flow("outside to ETP=Local ExternalIP", OUTSIDE, "tcp", "198.51.100.100", 80, A, False),
+    ]),
+    *_variant("masqueradeAll", [
+        Flow("pod to ClusterIP is masqueraded", POD_CLIENT, "tcp", "10.96.0.10", 80, AB, True),
+    ]),
+    *_variant("nodePortAddresses primary", [
+        Flow("outside to NodePort on the primary IP", OUTSIDE, "tcp", NODE_IP, 30080, C, True),
+        Flow("outside to NodePort on another node IP: not ours", OUTSIDE, "tcp", SECOND_NODE_IP, 30080, "", False),
+    ]),
+    *_variant("nodePortAddresses all", [
+        Flow("outside to NodePort on the primary IP", OUTSIDE, "tcp", NODE_IP, 30080, C, True),
+        Flow("outside to NodePort on another node IP", OUTSIDE, "tcp", SECOND_NODE_IP, 30080, C, True),
+        Flow("outside to NodePort without endpoints", OUTSIDE, "tcp", SECOND_NODE_IP, 30040, "REJECT", False),
+        Flow("node to NodePort on loopback: never", NODE_IP, "tcp", "127.0.0.1", 30080, "", False),
+    ]),
+    *_variant("nodePortAddresses CIDR", [
+        Flow("outside to NodePort on an IP in the CIDR", OUTSIDE, "tcp", SECOND_NODE_IP, 30080, C, True),
+        Flow("outside to NodePort on an IP outside it", OUTSIDE, "tcp", NODE_IP, 30080, "", False),
+    ]),
+    *_variant("nodePortAddresses localhost", [
+        Flow("outside to NodePort: loopback only means nowhere", OUTSIDE, "tcp", NODE_IP, 30080, "", False),
+    ]),
+]  # fmt: skip
+
+ALL_OPTION_FLOWS = [f for family in FAMILIES for f in flows(family, OPTION_FLOWS)]
+
+
+def iif_of(flow: Flow) -> str | None:
+    """The input interface of a flow's first packet in the lab (None: host-originated)."""
+    names = {addr(ip, flow.family): name for ip, name in IIF.items()}
+    return names.get(flow.source)
+
+
+def node_addresses(family: IPFamily) -> list[str]:
+    """The lab node's local addresses (the tracer's "fib ... type local")."""
+    return [addr(a, family) for a in (NODE_IP, SECOND_NODE_IP, "127.0.0.1")]

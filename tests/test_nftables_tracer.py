@@ -55,7 +55,7 @@ def test_without_cluster_cidr_outside_clusterip_traffic_is_not_masqueraded() -> 
 def test_unknown_rule_shape_is_an_error() -> None:
     rs = basic_ruleset()
     chains = dict(rs.chains)
-    chains["services"] = ("ip daddr 1.2.3.4 counter accept",)
+    chains["services"] = ("ip daddr @cluster-ips counter accept",)
     bad = Ruleset(family=rs.family, declarations=rs.declarations, chains=chains, elements=rs.elements)
     with pytest.raises(TraceError):
         trace(bad, Packet("10.244.1.100", "tcp", "10.96.0.10", 80), [NODE_IP])

@@ -128,12 +128,7 @@ def config_from_args(argv: Sequence[str]) -> ProxyConfig:
         modes = ", ".join(m.value for m in DetectLocalMode)
         raise ConfigError(f"--detect-local-mode: unknown mode {args.detect_local_mode!r} (one of {modes})") from exc
     cluster_cidrs = parse_cluster_cidrs(args.cluster_cidr)
-    check_local_detection(
-        detect_local,
-        cluster_cidrs=cluster_cidrs,
-        bridge=args.pod_bridge_interface,
-        prefix=args.pod_interface_name_prefix,
-    )
+    check_local_detection(detect_local, bridge=args.pod_bridge_interface, prefix=args.pod_interface_name_prefix)
     for flag in ("conntrack_max_per_core", "conntrack_min"):
         if getattr(args, flag) < 0:
             raise ConfigError(f"--{flag.replace('_', '-')}: {getattr(args, flag)} must not be negative")

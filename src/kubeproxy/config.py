@@ -141,11 +141,15 @@ def parse_nodeport_addresses(value: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(out))
 
 
-_INTERFACE_NAME = re.compile(r"^[^/\s\x00:]{1,15}$")
+_INTERFACE_NAME = re.compile(r"^[A-Za-z0-9._-]{1,15}$")  # what we accept inside a quoted nft iifname
 
 
-def check_local_detection(mode: DetectLocalMode, *, cluster_cidrs: tuple[str, ...], bridge: str, prefix: str) -> None:
-    """Upstream's validation: the mode's parameter must be given (ClusterCIDR may run without)."""
+def check_local_detection(mode: DetectLocalMode, *, bridge: str, prefix: str) -> None:
+    """The mode's parameter must be given, as upstream requires (ClusterCIDR may run without a CIDR).
+
+    Interface names are restricted to letters, digits, ``.``, ``_`` and ``-``: they end up quoted
+    inside rules, and nothing a flag says may change a rule's meaning.
+    """
     if mode is DetectLocalMode.BRIDGE_INTERFACE and not _INTERFACE_NAME.match(bridge):
         raise ConfigError(f"--pod-bridge-interface: {bridge!r} is not a valid interface name (BridgeInterface mode)")
     if mode is DetectLocalMode.INTERFACE_NAME_PREFIX and not _INTERFACE_NAME.match(prefix):

@@ -18,27 +18,22 @@ from pathlib import Path
 import pytest
 
 from builders import CLUSTER_CIDR, endpoint_slice, node, service, state_with
+from flowlab import PROBES, check_flow, flow_lab
 from flows import (
     ALL_FLOWS,
     BASIC_FLOWS,
     FAMILIES,
-    NODE_IP,
-    OUTSIDE,
-    POD_CLIENT,
-    PODS,
     Flow,
     addr,
     basic_objects,
-    expected_pods,
     objects_for,
-    v6,
 )
 from kubeproxy.backends.nftables.backend import NftablesBackend
 from kubeproxy.backends.nftables.render import NftOptions
 from kubeproxy.kernel.nft import NftCli
 from kubeproxy.lab.cluster import Lab
 from kubeproxy.lab.netns import lab_unavailable_reason, run
-from kubeproxy.lab.probe import Outcome, spread, tcp_probe, udp_probe
+from kubeproxy.lab.probe import Outcome, spread, tcp_probe
 from kubeproxy.model.service import IPFamily, NamespacedName
 from kubeproxy.state.snapshot import ProxyState
 from waiting import wait_until
@@ -47,7 +42,6 @@ _REASON = lab_unavailable_reason()
 pytestmark = [pytest.mark.lab, pytest.mark.skipif(_REASON is not None, reason=_REASON or "")]
 
 OPTS = NftOptions(cluster_cidrs=(CLUSTER_CIDR,))
-PROBES = 24  # P(one of two pods never answers) = 2 * 2**-24
 
 
 def options(family: IPFamily) -> NftOptions:
@@ -56,15 +50,7 @@ def options(family: IPFamily) -> NftOptions:
 
 @pytest.fixture(scope="module")
 def lab() -> Iterator[Lab]:
-    with Lab(tag=f"nft{os.getpid() % 100000}", ipv6=True) as built:
-        for ip, name in PODS.items():
-            built.add_pod(name, ip, tcp_ports=(8080,), udp_ports=(8080,), ip6=v6(ip))
-        built.add_pod("client", POD_CLIENT, tcp_ports=(), ip6=v6(POD_CLIENT))
-        # The outside world reaches ExternalIPs and LB IPs through the node (as a load balancer
-        # would), and, to show off-cluster masquerading, ClusterIPs too.
-        for cidr in ("198.51.100.0/24", "10.96.0.0/16"):
-            built.exec(built.client_ns, ["ip", "route", "add", cidr, "via", NODE_IP])
-            built.exec(built.client_ns, ["ip", "-6", "route", "add", v6(cidr), "via", v6(NODE_IP)])
+    with flow_lab(f"nft{os.getpid() % 100000}") as built:
         yield built
 
 
@@ -89,36 +75,12 @@ def both_families(lab: Lab) -> Iterator[Lab]:
         backend.cleanup()
 
 
-def source_netns(lab: Lab, flow: Flow) -> str:
-    source = flow.source
-    if source == addr(OUTSIDE, flow.family):
-        return lab.client_ns
-    if source == addr(NODE_IP, flow.family):
-        return lab.node_ns
-    if source == addr(POD_CLIENT, flow.family):
-        return lab.pods["client"].netns
-    return lab.pods[{addr(ip, flow.family): n for ip, n in PODS.items()}[source]].netns
-
-
 LAB_FLOWS = [f for f in ALL_FLOWS if f.lab and f.protocol in ("tcp", "udp")]
 
 
 @pytest.mark.parametrize("flow", LAB_FLOWS, ids=lambda f: f.id)
 def test_flows_with_real_packets(both_families: Lab, flow: Flow) -> None:
-    lab = both_families
-    ns = source_netns(lab, flow)
-    probe = tcp_probe if flow.protocol == "tcp" else udp_probe
-    if flow.output in ("REJECT", "DROP"):
-        # A REJECT's ICMP error can reach a connecting TCP socket while connect() still holds the
-        # socket lock (veth delivers it synchronously); the kernel then only notes it (LockDroppedIcmps)
-        # and the SYN retransmit 1 s later gets the refusal. Hence a REJECT probe may take ~1 s.
-        result = probe(ns, flow.destination, flow.port, timeout=2.5 if flow.output == "REJECT" else 1.0)
-        assert result.outcome is (Outcome.REFUSED if flow.output == "REJECT" else Outcome.TIMEOUT), result
-        return
-    answers = spread(ns, flow.destination, flow.port, PROBES, protocol=flow.protocol)
-    assert set(answers) == expected_pods(flow), answers
-    seen = probe(ns, flow.destination, flow.port).seen_client_ip
-    assert (seen != flow.source) is flow.masquerade, f"pod saw {seen} for a connection from {flow.source}"
+    check_flow(both_families, flow)
 
 
 def test_every_flow_row_runs_in_the_lab_in_both_families() -> None:

@@ -33,8 +33,18 @@ def state_from_manifests(root: Path, node_name: str) -> ProxyState:
     return state
 
 
-def render_state(state: ProxyState, opts: NftOptions) -> Ruleset:
-    return render_all(state.services, state.service_endpoints, opts, state.node.topology, state.node.addresses)
+def render_state(state: ProxyState, opts: NftOptions, interface_addresses: Sequence[str] = ()) -> Ruleset:
+    """The table the backend would program for ``state`` (``interface_addresses``: the node's local
+    addresses, which nodePortAddresses CIDRs select from)."""
+    node = state.node
+    return render_all(
+        state.services,
+        state.service_endpoints,
+        opts.for_node(node.pod_cidrs),
+        node.topology,
+        node.addresses,
+        interface_addresses=interface_addresses,
+    )
 
 
 def main(argv: Sequence[str]) -> int:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -97,9 +97,20 @@ def parse_table(doc: dict[str, Any] | None) -> tuple[set[str], dict[str, dict[st
 
 
 class NftablesBackend:
-    def __init__(self, nft: Nft, opts: NftOptions) -> None:
+    def __init__(
+        self,
+        nft: Nft,
+        opts: NftOptions,
+        *,
+        interface_addresses: Callable[[], Sequence[str]] | None = None,
+    ) -> None:
+        """``interface_addresses`` lists the node's local addresses (nodePortAddresses CIDRs); it is
+        called on full syncs only, and only when CIDRs are configured."""
         self.nft = nft
-        self.opts = opts
+        self.configured = opts
+        self.opts = opts  # in force: NodeCIDR detection resolves against the Node (NftOptions.for_node)
+        self._interface_addresses = interface_addresses
+        self._local_addresses: tuple[str, ...] = ()
         self.family = opts.nft_family
         self._fragments: dict[NamespacedName, Fragment] = {}
         self._owners: dict[ElemKey, dict[Owner, str | None]] = {}
@@ -158,6 +169,13 @@ class NftablesBackend:
     # -- sync --------------------------------------------------------------------------------
     def sync(self, state: ProxyState, changed: Collection[NamespacedName], *, full: bool) -> SyncOutcome:
         full = full or not self._synced_once
+        opts = self.configured.for_node(state.node.pod_cidrs)
+        if opts != self.opts:
+            # The local-traffic match is in static and Service chains alike: rewrite everything.
+            log.info("local traffic detection changed family=%s cidrs=%s", self.family, ",".join(opts.cluster_cidrs))
+            self.opts, full = opts, True
+        if full and self._interface_addresses is not None and self.opts.nodeport_cidrs:
+            self._local_addresses = tuple(self._interface_addresses())
         now = time.monotonic()
         lines: list[str] = []
         stale = dict(self._stale)
@@ -192,7 +210,7 @@ class NftablesBackend:
                 owner_updates[key] = dict(base_owners.get(key, {}))
             return owner_updates[key]
 
-        static = render_static_elements(state.node.addresses, self.opts)
+        static = render_static_elements(state.node.addresses, self.opts, self._local_addresses)
         for set_name, key, _value in old_static - static:
             claims((set_name, key)).pop(None, None)
         for set_name, key, value in static:

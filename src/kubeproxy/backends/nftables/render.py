@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from kubeproxy.backends.nftables import names
 from kubeproxy.model.endpoint import Endpoint
@@ -60,6 +60,10 @@ BASE_CHAINS: dict[str, tuple[str, str, str]] = {
 }
 
 
+NODEPORT_KEYWORDS = ("primary", "localhost", "all")
+_LOOPBACK = {IPFamily.V4: "127.0.0.0/8", IPFamily.V6: "::1"}
+
+
 @dataclass(frozen=True, slots=True)
 class NftOptions:
     """Backend settings for one IP family (one table)."""
@@ -67,7 +71,11 @@ class NftOptions:
     family: IPFamily = IPFamily.V4
     masquerade_bit: int = 14
     masquerade_all: bool = False
-    cluster_cidrs: tuple[str, ...] = ()  # local-traffic detection (ClusterCIDR mode), this family only
+    # Local-traffic detection (upstream detectLocalMode), at most one of the two:
+    cluster_cidrs: tuple[str, ...] = ()  # by source CIDR: ClusterCIDR, or NodeCIDR once resolved (for_node)
+    local_interface: str = ""  # by input interface: "cbr0" (BridgeInterface) or "veth*" (InterfaceNamePrefix)
+    node_cidr: bool = False  # NodeCIDR: cluster_cidrs are this Node's spec.podCIDRs of this family
+    nodeport_addresses: tuple[str, ...] = ()  # --nodeport-addresses: CIDRs and keywords; () means "primary"
 
     @property
     def nft_family(self) -> str:
@@ -86,12 +94,44 @@ class NftOptions:
     def mark(self) -> str:
         return f"0x{1 << self.masquerade_bit:08x}"
 
-    def saddr_match(self, *, local: bool) -> str | None:
-        """Source match for pod (cluster-local) traffic, or its negation; None if undetectable."""
+    def for_node(self, pod_cidrs: Sequence[str]) -> NftOptions:
+        """The options in force for a Node: NodeCIDR detection takes the Node's pod CIDRs of this family."""
+        if not self.node_cidr:
+            return self
+        mine = tuple(c for c in pod_cidrs if family_of(c.split("/")[0]) is self.family)
+        return self if mine == self.cluster_cidrs else replace(self, cluster_cidrs=mine)
+
+    def local_match(self, *, local: bool) -> str | None:
+        """Match for pod (local) traffic, or its negation; None when local traffic is undetectable."""
+        if self.local_interface:
+            # Config validation allows only [A-Za-z0-9._-] (plus the trailing "*"): safe inside quotes.
+            return f'iifname "{self.local_interface}"' if local else f'iifname != "{self.local_interface}"'
         if not self.cluster_cidrs:
             return None
         cidrs = self.cluster_cidrs[0] if len(self.cluster_cidrs) == 1 else "{ " + ", ".join(self.cluster_cidrs) + " }"
         return f"{self.ip} saddr {cidrs}" if local else f"{self.ip} saddr != {cidrs}"
+
+    @property
+    def nodeport_cidrs(self) -> tuple[str, ...]:
+        """nodePortAddresses CIDRs of this family ("primary" is resolved per Node by nodeport_addresses)."""
+        out: list[str] = []
+        for item in self.nodeport_addresses:
+            if item == "all":
+                out.append("0.0.0.0/0" if self.family is IPFamily.V4 else "::/0")
+            elif item == "localhost":
+                out.append("127.0.0.0/8" if self.family is IPFamily.V4 else "::1/128")
+            elif item != "primary" and family_of(item.split("/")[0]) is self.family:
+                out.append(item)
+        return tuple(out)
+
+    @property
+    def nodeport_match_all(self) -> bool:
+        """NodePorts on every local address (upstream: no CIDR of this family given, or a /0)."""
+        spec = self.nodeport_addresses or ("primary",)
+        cidrs = self.nodeport_cidrs
+        if any(ipaddress.ip_network(c).prefixlen == 0 for c in cidrs):
+            return True
+        return not cidrs and "primary" not in spec
 
 
 Element = tuple[str, str, str | None]  # (set or map name, key text, value text or None for sets)
@@ -179,12 +219,18 @@ def static_chains(opts: NftOptions) -> dict[str, tuple[str, ...]]:
     services: list[str] = []
     if opts.masquerade_all:
         services.append(f"{ip} daddr @{CLUSTER_IPS} meta mark set meta mark | {mark}")
-    elif (not_local := opts.saddr_match(local=False)) is not None:
+    elif (not_local := opts.local_match(local=False)) is not None:
         # Traffic to a ClusterIP from outside the cluster CIDR is masqueraded so replies return here.
         services.append(f"{ip} daddr @{CLUSTER_IPS} {not_local} meta mark set meta mark | {mark}")
+    if opts.nodeport_match_all:
+        # Any local address but loopback: nftables mode never serves NodePorts on 127.0.0.1/::1.
+        nodeport_dest = f"fib daddr type local {ip} daddr != {_LOOPBACK[opts.family]}"
+        nodeport_check = f"{ip} daddr != {_LOOPBACK[opts.family]}"  # filter-input: local already
+    else:
+        nodeport_dest = nodeport_check = f"{ip} daddr @{NODEPORT_IPS}"
     services += [
         f"{ip} daddr . meta l4proto . th dport vmap @{SERVICE_IPS}",
-        f"{ip} daddr @{NODEPORT_IPS} meta l4proto . th dport vmap @{SERVICE_NODEPORTS}",
+        f"{nodeport_dest} meta l4proto . th dport vmap @{SERVICE_NODEPORTS}",
     ]
     return {
         "filter-input": (f"{new} jump nodeport-endpoints-check", f"{new} jump service-endpoints-check"),
@@ -203,25 +249,42 @@ def static_chains(opts: NftOptions) -> dict[str, tuple[str, ...]]:
             f"ct status dnat {ip} saddr . {ip} daddr . meta l4proto . th dport @{HAIRPIN} masquerade fully-random",
         ),
         "service-endpoints-check": (f"{ip} daddr . meta l4proto . th dport vmap @{NO_ENDPOINT_SERVICES}",),
-        "nodeport-endpoints-check": (
-            f"{ip} daddr @{NODEPORT_IPS} meta l4proto . th dport vmap @{NO_ENDPOINT_NODEPORTS}",
-        ),
+        "nodeport-endpoints-check": (f"{nodeport_check} meta l4proto . th dport vmap @{NO_ENDPOINT_NODEPORTS}",),
         REJECT_CHAIN: ("reject",),
         # A ClusterIP on a port no Service defines: nothing DNATed it, so refuse it clearly.
         "cluster-ips-check": (f"{ip} daddr @{CLUSTER_IPS} reject",),
     }
 
 
-def nodeport_addresses(node_addresses: Sequence[str], opts: NftOptions) -> tuple[str, ...]:
-    """nodePortAddresses ``primary`` (nftables' default): the node's first address of this family."""
-    for addr in node_addresses:
-        if family_of(addr) is opts.family:
-            return (addr,)
-    return ()
+def nodeport_addresses(
+    node_addresses: Sequence[str], opts: NftOptions, interface_addresses: Sequence[str] = ()
+) -> tuple[str, ...]:
+    """The ``nodeport-ips`` of this family (empty when NodePorts match every local address).
+
+    ``primary`` (nftables' default) is the Node's first address of this family; CIDRs select the
+    node's interface addresses inside them. Loopback addresses never qualify in nftables mode
+    (upstream serves localhost NodePorts only in iptables mode, through route_localnet).
+    """
+    if opts.nodeport_match_all:
+        return ()
+    mine = [a for a in node_addresses if family_of(a) is opts.family]
+    out: list[str] = []
+    if "primary" in (opts.nodeport_addresses or ("primary",)) and mine:
+        out.append(mine[0])
+    nets = [ipaddress.ip_network(c) for c in opts.nodeport_cidrs]
+    for candidate in (*interface_addresses, *mine):
+        if family_of(candidate) is not opts.family:
+            continue
+        ip = ipaddress.ip_address(candidate)
+        if not ip.is_loopback and any(ip in net for net in nets):
+            out.append(candidate)
+    return tuple(dict.fromkeys(out))
 
 
-def render_static_elements(node_addresses: Sequence[str], opts: NftOptions) -> frozenset[Element]:
-    return frozenset((NODEPORT_IPS, ip, None) for ip in nodeport_addresses(node_addresses, opts))
+def render_static_elements(
+    node_addresses: Sequence[str], opts: NftOptions, interface_addresses: Sequence[str] = ()
+) -> frozenset[Element]:
+    return frozenset((NODEPORT_IPS, ip, None) for ip in nodeport_addresses(node_addresses, opts, interface_addresses))
 
 
 def _dnat_target(ep: Endpoint) -> str:
@@ -341,7 +404,7 @@ def render_service_port(
         if not svc.external_policy_local:
             rules.append(f"meta mark set meta mark | {opts.mark}")  # may cross nodes: masquerade
         else:
-            if (local_src := opts.saddr_match(local=True)) is not None:
+            if (local_src := opts.local_match(local=True)) is not None:
                 # Pod traffic to an external destination ignores traffic policy (as if it went out
                 # to the load balancer and came back).
                 rules.append(f"{local_src} goto {cluster_chain}")
@@ -421,9 +484,11 @@ def render_all(
     opts: NftOptions,
     node: NodeTopology,
     node_addresses: Sequence[str],
+    *,
+    interface_addresses: Sequence[str] = (),
 ) -> Ruleset:
     """The whole table for a state (golden tests, dry-run, the tracer)."""
     fragments = [
         render_service(services[k].values(), endpoints_of, opts, node, node_addresses) for k in sorted(services)
     ]
-    return assemble(opts, render_static_elements(node_addresses, opts), fragments)
+    return assemble(opts, render_static_elements(node_addresses, opts, interface_addresses), fragments)

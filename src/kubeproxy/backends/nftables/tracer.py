@@ -33,6 +33,9 @@ class Packet:
     protocol: str  # "tcp" | "udp" | "sctp"
     destination: str
     port: int
+    # Input interface, for interface-based local detection; host-originated packets have none.
+    # None: unknown (a rule that asks is a TraceError).
+    iif: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +78,13 @@ def _in_cidrs(ip: str, spec: str) -> bool:
     return any(addr in ipaddress.ip_network(c, strict=False) for c in cidrs)
 
 
+def _iif_matches(ctx: _Ctx, name: str, prefix: bool) -> bool:
+    iif = "" if ctx.packet.source in ctx.node_ips else ctx.packet.iif
+    if iif is None:
+        raise TraceError(f"the rules match the input interface ({name}); the packet does not say it (Packet.iif)")
+    return iif.startswith(name) if prefix else iif == name
+
+
 # Matchers: (regex, predicate). Each consumes a prefix of the rule.
 _Match = Callable[[_Ctx, re.Match[str]], bool]
 _MATCHERS: list[tuple[re.Pattern[str], _Match]] = [
@@ -85,10 +95,19 @@ _MATCHERS: list[tuple[re.Pattern[str], _Match]] = [
     # ruleset says (nothing, for sets the kernel fills itself).
     (re.compile(r"ip6? saddr @(\S+) "), lambda c, m: c.packet.source in c.elems(m[1])),
     (
-        re.compile(r"ip6? saddr (!= )?(\{[^}]*\}|[0-9a-f][0-9a-f.:/]*) "),
+        re.compile(r"ip6? saddr (!= )?(\{[^}]*\}|[0-9a-f:][0-9a-f.:/]*) "),
         lambda c, m: _in_cidrs(c.packet.source, m[2]) != bool(m[1]),
     ),
+    (
+        re.compile(r"ip6? daddr (!= )?(\{[^}]*\}|[0-9a-f:][0-9a-f.:/]*) "),
+        lambda c, m: _in_cidrs(c.daddr, m[2]) != bool(m[1]),
+    ),
     (re.compile(r"fib saddr type local "), lambda c, m: c.packet.source in c.node_ips),
+    (re.compile(r"fib daddr type local "), lambda c, m: c.daddr in c.node_ips),
+    (
+        re.compile(r'iifname (!= )?"([A-Za-z0-9._-]+)(\*?)" '),
+        lambda c, m: _iif_matches(c, m[2], bool(m[3])) != bool(m[1]),
+    ),
     (re.compile(r"meta mark & (0x[0-9a-f]+) != 0 "), lambda c, m: bool(c.mark & int(m[1], 16))),
 ]
 _NUMGEN = re.compile(r"numgen random mod (\d+) == 0 ")
