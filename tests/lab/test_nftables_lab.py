@@ -18,22 +18,15 @@ from pathlib import Path
 import pytest
 
 from builders import CLUSTER_CIDR, endpoint_slice, node, service, state_with
-from flowlab import PROBES, check_flow, flow_lab
-from flows import (
-    ALL_FLOWS,
-    BASIC_FLOWS,
-    FAMILIES,
-    Flow,
-    addr,
-    basic_objects,
-    objects_for,
-)
+from flowlab import PROBES, check_flow, flow_lab, source_netns
+from flows import ALL_FLOWS, BASIC_FLOWS, FAMILIES, PODS, Flow, addr, basic_objects, expected_pods, objects_for
 from kubeproxy.backends.nftables.backend import NftablesBackend
 from kubeproxy.backends.nftables.render import NftOptions
 from kubeproxy.kernel.nft import NftCli
 from kubeproxy.lab.cluster import Lab
 from kubeproxy.lab.netns import lab_unavailable_reason, run
 from kubeproxy.lab.probe import Outcome, spread, tcp_probe
+from kubeproxy.lab.sctp import sctp_probe
 from kubeproxy.model.service import IPFamily, NamespacedName
 from kubeproxy.state.snapshot import ProxyState
 from waiting import wait_until
@@ -83,9 +76,24 @@ def test_flows_with_real_packets(both_families: Lab, flow: Flow) -> None:
     check_flow(both_families, flow)
 
 
+SCTP_FLOWS = [f for f in ALL_FLOWS if f.lab and f.protocol == "sctp"]
+
+
+@pytest.mark.parametrize("flow", SCTP_FLOWS, ids=lambda f: f.id)
+def test_sctp_flows_with_real_packets(both_families: Lab, flow: Flow) -> None:
+    # No SCTP sockets on this kernel: INIT chunks over raw sockets (kubeproxy.lab.sctp).
+    lab = both_families
+    listeners = {name: lab.pods[name].netns for name in PODS.values()}
+    arrivals = [
+        sctp_probe(source_netns(lab, flow), flow.destination, flow.port, listeners, target_port=8080) for _ in range(8)
+    ]
+    assert {a.pod for a in arrivals} == expected_pods(flow), arrivals
+    assert all((a.source != flow.source) is flow.masquerade for a in arrivals), arrivals
+
+
 def test_every_flow_row_runs_in_the_lab_in_both_families() -> None:
-    # Rows left to the tracer only must say why (no route in a one-node lab, "not ours" rows, SCTP
-    # which has its own probe): this guards against rows silently dropping out of the lab.
+    # Rows left to the tracer only must say why (no route in a one-node lab, "not ours" rows): this
+    # guards against rows silently dropping out of the lab.
     tracer_only = {f.name for f in BASIC_FLOWS if not f.lab}
     assert tracer_only <= {
         "LB IP itself as source, node in sourceRanges",
@@ -93,7 +101,7 @@ def test_every_flow_row_runs_in_the_lab_in_both_families() -> None:
         "outside to an ipMode Proxy LB IP: not ours",
         "outside to an unknown NodePort",
     }
-    assert len(LAB_FLOWS) == 2 * len([f for f in BASIC_FLOWS if f.lab and f.protocol != "sctp"])
+    assert len(LAB_FLOWS) + len(SCTP_FLOWS) == 2 * len([f for f in BASIC_FLOWS if f.lab])
 
 
 def test_udp_service(lab: Lab) -> None:
