@@ -204,6 +204,18 @@ def basic_objects() -> list[objects.KubeObject]:
         ),
         _slice("svc19-t", "svc19", [_ep("10.244.1.2")], [{"name": "dns-tcp", "port": 8080, "protocol": "TCP"}]),
         _slice("svc19-u", "svc19", [_ep("10.244.1.3")], [{"name": "dns", "port": 8080, "protocol": "UDP"}]),
+        # Terminating fallback per policy: the only local endpoint is serving-terminating, a ready one
+        # runs "on node2" (upstream e2e: "fallback to local terminating endpoints ...").
+        service("svc21", "10.96.0.210", ports=WEB, internalTrafficPolicy="Local"),
+        _slice("svc21-x", "svc21", [_ep("10.244.1.2", conditions=TERMINATING), _ep("10.244.1.3", "node2")]),
+        service(
+            "svc22",
+            "10.96.0.220",
+            type="NodePort",
+            ports=[{"name": "http", "port": 80, "nodePort": 30220}],
+            externalTrafficPolicy="Local",
+        ),
+        _slice("svc22-x", "svc22", [_ep("10.244.1.2", conditions=TERMINATING), _ep("10.244.1.3", "node2")]),
         # SCTP.
         service("svc20", "10.96.0.200", ports=[{"name": "sig", "port": 80, "protocol": "SCTP"}]),
         _slice("svc20-x", "svc20", [_ep("10.244.1.2")], [{"name": "sig", "port": 8080, "protocol": "SCTP"}]),
@@ -301,6 +313,13 @@ BASIC_FLOWS = [
     Flow("terminating: ready endpoint preferred", POD_CLIENT, "tcp", "10.96.0.140", 80, B, False),
     Flow("terminating: serving-terminating as fallback", POD_CLIENT, "tcp", "10.96.0.150", 80, A, False),
     Flow("terminating: never not-serving ones", POD_CLIENT, "tcp", "10.96.0.160", 80, "REJECT", False),
+    Flow(
+        "terminating: ITP=Local falls back to the local terminating one", POD_CLIENT, "tcp", "10.96.0.210", 80, A, False
+    ),
+    Flow("terminating: ETP=Local falls back to the local terminating one", OUTSIDE, "tcp", NODE_IP, 30220, A, False),
+    Flow(
+        "terminating: ETP=Local, pod traffic uses ready cluster endpoints", POD_CLIENT, "tcp", NODE_IP, 30220, B, False
+    ),
     # Topology.
     Flow("topology: zone hints for this node's zone", POD_CLIENT, "tcp", "10.96.0.170", 80, A, False),
     Flow("topology: node hints (PreferSameNode)", POD_CLIENT, "tcp", "10.96.0.180", 80, A, False),
