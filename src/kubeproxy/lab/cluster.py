@@ -16,6 +16,10 @@ client (the "outside world"), as a real node's uplink does; without one, a conne
 a ClusterIP would fail route lookup before kube-proxy's OUTPUT rules ever saw the packet. The client
 does not forward, so whatever the node sends it that is not for the client dies there.
 
+:class:`LabBase` holds what every lab shares -- the tag claim, namespaces, processes, routed pods and
+teardown -- and :class:`Lab` adds this one-node topology; ``multinode.MultiNodeLab`` adds several nodes
+on a bridge. The invariants below hold for every lab built on :class:`LabBase`.
+
 Invariants (the lab safety rule of DESIGN.md section 4):
 - Nothing is ever created in the host's namespace: every namespace is new, every veth is created by
   ``ip -n <lab ns> link add ... peer ... netns <lab ns>``, and every address, route and sysctl is
@@ -50,7 +54,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType, TracebackType
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
 
 import kubeproxy
 from kubeproxy.lab.netns import (
@@ -63,7 +67,7 @@ from kubeproxy.lab.netns import (
     run,
 )
 
-__all__ = ["STATE_DIR", "Lab", "LabError", "Pod", "sweep_stale_labs"]
+__all__ = ["STATE_DIR", "Lab", "LabBase", "LabError", "Pod", "sweep_stale_labs"]
 
 _log = logging.getLogger(__name__)
 
@@ -242,56 +246,26 @@ def _one_network(text: str, cls: type[_Net], what: str) -> _Net:
         raise LabError(f"{what} {text!r} is not an IPv{version} network: {exc}") from exc
 
 
-# --- the lab ------------------------------------------------------------------------------------------
+# --- what every lab shares: tag, namespaces, processes, routed pods, teardown --------------------------
 
 
-class Lab:
-    """One node namespace, its routed pods and one outside client. Use as a context manager."""
+class LabBase:
+    """The lifecycle every lab shares; subclasses build their topology in :meth:`_build`.
 
-    def __init__(
-        self,
-        *,
-        node_name: str = "node1",
-        node_ip: str = "192.168.50.1",
-        pod_cidr: str = "10.244.1.0/24",
-        client_ip: str = "203.0.113.10",
-        tag: str | None = None,
-        ipv6: bool = False,
-        node_ip6: str = "fd00:50::1",
-        client_ip6: str = "fd00:203:0:113::10",
-        pod_cidr6: str = "fd00:10:244::1:0/112",
-    ) -> None:
+    Owns the tag claim and pid file, the namespaces and processes it created, routed pods (a pod
+    namespace on a veth to a node namespace, running a podserver) and the teardown that removes them
+    all on every exit path. Use a subclass as a context manager.
+    """
+
+    def __init__(self, *, tag: str | None, ipv6: bool) -> None:
         self.tag = secrets.token_hex(3) if tag is None else tag
         if not _TAG_RE.fullmatch(self.tag):
             raise LabError(f"lab tag {self.tag!r} must be 1-12 characters of [a-z0-9]")
-        self.node_name = node_name
-        self.node_ip = _one_address(node_ip, 4, "node_ip")
-        self.client_ip = _one_address(client_ip, 4, "client_ip")
-        self.pod_network = _one_network(pod_cidr, ipaddress.IPv4Network, "pod_cidr")
-        if self.pod_network.prefixlen > _POD_SUBNET_PREFIX_MAX:
-            raise LabError(f"pod_cidr {pod_cidr} is too small for a gateway and pods")
-        self.pod_cidr = str(self.pod_network)
-        # The first address of the pod CIDR is the gateway every pod routes through (on the node side).
-        self.gateway_ip = str(self.pod_network.network_address + 1)
         self.ipv6 = ipv6
-        self.node_ip6: str | None = None
-        self.client_ip6: str | None = None
-        self.pod_cidr6: str | None = None
-        self.gateway_ip6: str | None = None
-        self._pod_network6: ipaddress.IPv6Network | None = None
-        if ipv6:
-            self.node_ip6 = _one_address(node_ip6, 6, "node_ip6")
-            self.client_ip6 = _one_address(client_ip6, 6, "client_ip6")
-            self._pod_network6 = _one_network(pod_cidr6, ipaddress.IPv6Network, "pod_cidr6")
-            self.pod_cidr6 = str(self._pod_network6)
-            self.gateway_ip6 = str(self._pod_network6.network_address + 1)
-
-        base = f"{_PREFIX}{self.tag}"
-        self._base = base
-        self.node_ns = f"{base}-node"
-        self.client_ns = f"{base}-client"
+        self._base = f"{_PREFIX}{self.tag}"
         self.pods: dict[str, Pod] = {}
 
+        self._pod_node_ns: dict[str, str] = {}  # pod name -> namespace holding the pod veth's node end
         self._namespaces: list[str] = []  # created by us, in creation order
         self._processes: list[subprocess.Popen[str]] = []
         self._veth_seq = 0
@@ -306,14 +280,15 @@ class Lab:
 
     # -- context manager ------------------------------------------------------------------------------
 
-    def __enter__(self) -> Lab:
+    def __enter__(self) -> Self:
         if self._active or self._torn_down:
-            raise LabError("a Lab can be entered only once")
+            raise LabError(f"a {type(self).__name__} can be entered only once")
         # Register cleanup before creating anything, so even a crash halfway through building is undone.
         atexit.register(self.teardown)
         self._install_sigterm()
         self._active = True
         try:
+            self._claim()
             self._build()
         except BaseException:
             self.teardown()
@@ -336,53 +311,12 @@ class Lab:
     # -- building -------------------------------------------------------------------------------------
 
     def _build(self) -> None:
+        """Create the topology (namespaces, links, addresses, routes); called once by ``__enter__``."""
+        raise NotImplementedError
+
+    def _claim(self) -> None:
         self._pidfile = self._claim_tag()
         self._tmpdir = Path(tempfile.mkdtemp(prefix=f"{self._base}-"))
-        for ns in (self.node_ns, self.client_ns):
-            self._add_netns(ns)
-        node_sysctls = {"net.ipv4.ip_forward": "1"}
-        # The client stands for the outside world: it must not route traffic onwards (IPv4 settings
-        # of a new namespace are copied from the host's, so say it explicitly).
-        client_sysctls = {"net.ipv4.ip_forward": "0"}
-        if self.ipv6:
-            node_sysctls["net.ipv6.conf.all.forwarding"] = "1"
-            client_sysctls["net.ipv6.conf.all.forwarding"] = "0"
-        self._sysctls(self.node_ns, node_sysctls)
-        self._sysctls(self.client_ns, client_sysctls)
-
-        # Both ends are created from inside the lab: the first end in the node namespace, the peer
-        # straight into the client namespace. Nothing ever appears in the host namespace.
-        _add_veth(self.node_ns, "eth0", peer_netns=self.client_ns, peer_name="eth0")
-        node_net = ipaddress.ip_interface(f"{self.node_ip}/24").network
-        client_net = ipaddress.ip_interface(f"{self.client_ip}/24").network
-        node_cmds = [
-            "link set lo up",
-            f"addr add {self.node_ip}/24 dev eth0",
-            "link set eth0 up",
-        ]
-        client_cmds = [
-            "link set lo up",
-            f"addr add {self.client_ip}/24 dev eth0",
-            "link set eth0 up",
-        ]
-        if node_net != client_net:
-            node_cmds.append(f"route add {client_net} dev eth0 scope link")
-            client_cmds.append(f"route add {node_net} dev eth0 scope link")
-        node_cmds.append(f"route add default via {self.client_ip} dev eth0")
-        if self.ipv6:
-            # nodad: an address is usable at once instead of after ~1 s of duplicate detection.
-            node_cmds += [
-                f"addr add {self.node_ip6}/64 dev eth0 nodad",
-                f"route add ::/0 via {self.client_ip6} dev eth0",
-            ]
-            client_cmds.append(f"addr add {self.client_ip6}/64 dev eth0 nodad")
-            node_net6 = ipaddress.ip_interface(f"{self.node_ip6}/64").network
-            client_net6 = ipaddress.ip_interface(f"{self.client_ip6}/64").network
-            if node_net6 != client_net6:
-                node_cmds.insert(-1, f"route add {client_net6} dev eth0")
-                client_cmds.append(f"route add {node_net6} dev eth0")
-        self._ip_batch(self.node_ns, node_cmds)
-        self._ip_batch(self.client_ns, client_cmds)
 
     def _claim_tag(self) -> Path:
         """Record this process as the tag's creator; refuse a tag a live lab holds; sweep dead leftovers."""
@@ -444,44 +378,40 @@ class Lab:
 
     def _require_active(self) -> None:
         if not self._active:
-            raise LabError("the lab is not running (use it inside a `with Lab(...)` block)")
+            raise LabError(f"the lab is not running (use it inside a `with {type(self).__name__}(...)` block)")
 
     def _require_lab_netns(self, netns: str) -> None:
         # Safety rule: lab helpers only ever act inside this lab's own namespaces.
         if netns not in self._namespaces:
             raise LabError(f"{netns!r} is not a namespace of this lab ({', '.join(self._namespaces)})")
 
-    # -- pods -----------------------------------------------------------------------------------------
+    # -- routed pods ----------------------------------------------------------------------------------
 
-    def add_pod(
-        self,
-        name: str,
-        ip: str,
-        *,
-        tcp_ports: Sequence[int] = (80,),
-        udp_ports: Sequence[int] = (),
-        ip6: str | None = None,
-    ) -> Pod:
-        """Create a routed pod namespace at ``ip`` (and ``ip6``) running a podserver on the given ports."""
-        self._require_active()
+    def _check_new_pod_name(self, name: str) -> None:
         if not name or any(c.isspace() for c in name):
             raise LabError(f"pod name {name!r} must be non-empty and contain no whitespace")
         if name in self.pods:
             raise LabError(f"pod {name!r} already exists")
-        pod_ip = self._check_pod_ip(
-            ip, network=self.pod_network, gateway=self.gateway_ip, taken=[p.ip for p in self.pods.values()]
-        )
-        pod_ip6: str | None = None
-        if ip6 is not None:
-            if self._pod_network6 is None or self.gateway_ip6 is None:
-                raise LabError(f"pod {name!r}: ip6 given, but the lab was built without ipv6=True")
-            pod_ip6 = self._check_pod_ip(
-                ip6,
-                network=self._pod_network6,
-                gateway=self.gateway_ip6,
-                taken=[p.ip6 for p in self.pods.values() if p.ip6],
-            )
 
+    def _create_routed_pod(
+        self,
+        name: str,
+        *,
+        node_ns: str,
+        ip: str,
+        network: ipaddress.IPv4Network,
+        gateway: str,
+        ip6: str | None = None,
+        network6: ipaddress.IPv6Network | None = None,
+        gateway6: str | None = None,
+        tcp_ports: Sequence[int],
+        udp_ports: Sequence[int],
+    ) -> Pod:
+        """Create pod namespace ``name`` on a veth to ``node_ns`` (addresses already checked) and register it.
+
+        The node end of the veth carries the gateway as a /32 (/128) and a host route to the pod; the pod
+        keeps the CIDR's prefix length but no on-link route for it (point-to-point, like Calico).
+        """
         ns_prefix = f"{self._base}-pod-"
         pod_ns = ns_prefix + _safe_name(name, _MAX_NETNS_NAME - len(ns_prefix))
         if pod_ns in self._namespaces:
@@ -491,35 +421,35 @@ class Lab:
         # The sequence number makes the name unique in the node namespace; the pod name is for humans.
         host_veth = (veth_prefix + _safe_name(name, _MAX_IFNAME - len(veth_prefix))).rstrip("-")
 
-        pod = Pod(name=name, ip=pod_ip, netns=pod_ns, host_veth=host_veth, process=None, ip6=pod_ip6)
+        pod = Pod(name=name, ip=ip, netns=pod_ns, host_veth=host_veth, process=None, ip6=ip6)
         try:
             self._add_netns(pod_ns)
-            _add_veth(self.node_ns, host_veth, peer_netns=pod_ns, peer_name="eth0")
+            _add_veth(node_ns, host_veth, peer_netns=pod_ns, peer_name="eth0")
             node_cmds = [
                 f"link set {host_veth} up",
-                f"addr add {self.gateway_ip}/32 dev {host_veth}",
-                f"route add {pod_ip}/32 dev {host_veth} scope link src {self.gateway_ip}",
+                f"addr add {gateway}/32 dev {host_veth}",
+                f"route add {ip}/32 dev {host_veth} scope link src {gateway}",
             ]
             # noprefixroute: the pod keeps the CIDR's prefix length but no on-link route for it, so
             # even traffic to neighbouring pods goes through the gateway (the node), like Calico.
             pod_cmds = [
                 "link set lo up",
                 "link set eth0 up",
-                f"addr add {pod_ip}/{self.pod_network.prefixlen} dev eth0 noprefixroute",
-                f"route add {self.gateway_ip} dev eth0 scope link",
-                f"route add default via {self.gateway_ip} dev eth0",
+                f"addr add {ip}/{network.prefixlen} dev eth0 noprefixroute",
+                f"route add {gateway} dev eth0 scope link",
+                f"route add default via {gateway} dev eth0",
             ]
-            if pod_ip6 is not None and self._pod_network6 is not None:
+            if ip6 is not None and network6 is not None and gateway6 is not None:
                 node_cmds += [
-                    f"addr add {self.gateway_ip6}/128 dev {host_veth} nodad",
-                    f"route add {pod_ip6}/128 dev {host_veth} src {self.gateway_ip6}",
+                    f"addr add {gateway6}/128 dev {host_veth} nodad",
+                    f"route add {ip6}/128 dev {host_veth} src {gateway6}",
                 ]
                 pod_cmds += [
-                    f"addr add {pod_ip6}/{self._pod_network6.prefixlen} dev eth0 nodad noprefixroute",
-                    f"route add {self.gateway_ip6} dev eth0",
-                    f"route add ::/0 via {self.gateway_ip6} dev eth0",
+                    f"addr add {ip6}/{network6.prefixlen} dev eth0 nodad noprefixroute",
+                    f"route add {gateway6} dev eth0",
+                    f"route add ::/0 via {gateway6} dev eth0",
                 ]
-            self._ip_batch(self.node_ns, node_cmds)
+            self._ip_batch(node_ns, node_cmds)
             self._ip_batch(pod_ns, pod_cmds)
             if tcp_ports or udp_ports:
                 argv = [sys.executable, "-m", "kubeproxy.lab.podserver", "--name", name]
@@ -528,9 +458,10 @@ class Lab:
                 log = self._tmp() / f"{pod_ns}-{self._veth_seq}.log"
                 pod.process = self.spawn(pod_ns, argv, log_path=str(log), ready_line="ready")
         except BaseException:
-            self._destroy_pod(pod)
+            self._destroy_pod(pod, node_ns)
             raise
         self.pods[name] = pod
+        self._pod_node_ns[name] = node_ns
         return pod
 
     @staticmethod
@@ -561,16 +492,16 @@ class Lab:
             pod = self.pods.pop(name)
         except KeyError:
             raise LabError(f"no pod named {name!r} in this lab") from None
-        self._destroy_pod(pod)
+        self._destroy_pod(pod, self._pod_node_ns.pop(name))
 
-    def _destroy_pod(self, pod: Pod) -> None:
+    def _destroy_pod(self, pod: Pod, node_ns: str) -> None:
         if pod.process is not None:
             self._stop([pod.process])
-        if netns_exists(self.node_ns):
+        if netns_exists(node_ns):
             # Deleting one end of a veth deletes both; doing it explicitly takes the node's /32 route
             # away at once rather than when the namespace is finally freed.
             with contextlib.suppress(LabError):
-                run(["ip", "-n", self.node_ns, "link", "delete", pod.host_veth], check=False)
+                run(["ip", "-n", node_ns, "link", "delete", pod.host_veth], check=False)
         if pod.netns in self._namespaces and _delete_netns(pod.netns):
             self._namespaces.remove(pod.netns)
 
@@ -698,6 +629,7 @@ class Lab:
         except Exception as exc:  # teardown must go on: the namespaces matter more
             _log.warning("lab teardown: stopping processes failed: %s", exc)
         self.pods.clear()
+        self._pod_node_ns.clear()
         # Pods first, then the node and the client: reverse creation order.
         for netns in reversed(list(self._namespaces)):
             try:
@@ -733,6 +665,140 @@ class Lab:
         # getsignal() returns None for a handler not installed from Python; SIG_DFL is the closest.
         signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
         self._installed_sigterm = False
+
+
+# --- the single-node lab ------------------------------------------------------------------------------
+
+
+class Lab(LabBase):
+    """One node namespace, its routed pods and one outside client. Use as a context manager."""
+
+    def __init__(
+        self,
+        *,
+        node_name: str = "node1",
+        node_ip: str = "192.168.50.1",
+        pod_cidr: str = "10.244.1.0/24",
+        client_ip: str = "203.0.113.10",
+        tag: str | None = None,
+        ipv6: bool = False,
+        node_ip6: str = "fd00:50::1",
+        client_ip6: str = "fd00:203:0:113::10",
+        pod_cidr6: str = "fd00:10:244::1:0/112",
+    ) -> None:
+        super().__init__(tag=tag, ipv6=ipv6)
+        self.node_name = node_name
+        self.node_ip = _one_address(node_ip, 4, "node_ip")
+        self.client_ip = _one_address(client_ip, 4, "client_ip")
+        self.pod_network = _one_network(pod_cidr, ipaddress.IPv4Network, "pod_cidr")
+        if self.pod_network.prefixlen > _POD_SUBNET_PREFIX_MAX:
+            raise LabError(f"pod_cidr {pod_cidr} is too small for a gateway and pods")
+        self.pod_cidr = str(self.pod_network)
+        # The first address of the pod CIDR is the gateway every pod routes through (on the node side).
+        self.gateway_ip = str(self.pod_network.network_address + 1)
+        self.node_ip6: str | None = None
+        self.client_ip6: str | None = None
+        self.pod_cidr6: str | None = None
+        self.gateway_ip6: str | None = None
+        self._pod_network6: ipaddress.IPv6Network | None = None
+        if ipv6:
+            self.node_ip6 = _one_address(node_ip6, 6, "node_ip6")
+            self.client_ip6 = _one_address(client_ip6, 6, "client_ip6")
+            self._pod_network6 = _one_network(pod_cidr6, ipaddress.IPv6Network, "pod_cidr6")
+            self.pod_cidr6 = str(self._pod_network6)
+            self.gateway_ip6 = str(self._pod_network6.network_address + 1)
+
+        self.node_ns = f"{self._base}-node"
+        self.client_ns = f"{self._base}-client"
+
+    # -- building -------------------------------------------------------------------------------------
+
+    def _build(self) -> None:
+        for ns in (self.node_ns, self.client_ns):
+            self._add_netns(ns)
+        node_sysctls = {"net.ipv4.ip_forward": "1"}
+        # The client stands for the outside world: it must not route traffic onwards (IPv4 settings
+        # of a new namespace are copied from the host's, so say it explicitly).
+        client_sysctls = {"net.ipv4.ip_forward": "0"}
+        if self.ipv6:
+            node_sysctls["net.ipv6.conf.all.forwarding"] = "1"
+            client_sysctls["net.ipv6.conf.all.forwarding"] = "0"
+        self._sysctls(self.node_ns, node_sysctls)
+        self._sysctls(self.client_ns, client_sysctls)
+
+        # Both ends are created from inside the lab: the first end in the node namespace, the peer
+        # straight into the client namespace. Nothing ever appears in the host namespace.
+        _add_veth(self.node_ns, "eth0", peer_netns=self.client_ns, peer_name="eth0")
+        node_net = ipaddress.ip_interface(f"{self.node_ip}/24").network
+        client_net = ipaddress.ip_interface(f"{self.client_ip}/24").network
+        node_cmds = [
+            "link set lo up",
+            f"addr add {self.node_ip}/24 dev eth0",
+            "link set eth0 up",
+        ]
+        client_cmds = [
+            "link set lo up",
+            f"addr add {self.client_ip}/24 dev eth0",
+            "link set eth0 up",
+        ]
+        if node_net != client_net:
+            node_cmds.append(f"route add {client_net} dev eth0 scope link")
+            client_cmds.append(f"route add {node_net} dev eth0 scope link")
+        node_cmds.append(f"route add default via {self.client_ip} dev eth0")
+        if self.ipv6:
+            # nodad: an address is usable at once instead of after ~1 s of duplicate detection.
+            node_cmds += [
+                f"addr add {self.node_ip6}/64 dev eth0 nodad",
+                f"route add ::/0 via {self.client_ip6} dev eth0",
+            ]
+            client_cmds.append(f"addr add {self.client_ip6}/64 dev eth0 nodad")
+            node_net6 = ipaddress.ip_interface(f"{self.node_ip6}/64").network
+            client_net6 = ipaddress.ip_interface(f"{self.client_ip6}/64").network
+            if node_net6 != client_net6:
+                node_cmds.insert(-1, f"route add {client_net6} dev eth0")
+                client_cmds.append(f"route add {node_net6} dev eth0")
+        self._ip_batch(self.node_ns, node_cmds)
+        self._ip_batch(self.client_ns, client_cmds)
+
+    # -- pods -----------------------------------------------------------------------------------------
+
+    def add_pod(
+        self,
+        name: str,
+        ip: str,
+        *,
+        tcp_ports: Sequence[int] = (80,),
+        udp_ports: Sequence[int] = (),
+        ip6: str | None = None,
+    ) -> Pod:
+        """Create a routed pod namespace at ``ip`` (and ``ip6``) running a podserver on the given ports."""
+        self._require_active()
+        self._check_new_pod_name(name)
+        pod_ip = self._check_pod_ip(
+            ip, network=self.pod_network, gateway=self.gateway_ip, taken=[p.ip for p in self.pods.values()]
+        )
+        pod_ip6: str | None = None
+        if ip6 is not None:
+            if self._pod_network6 is None or self.gateway_ip6 is None:
+                raise LabError(f"pod {name!r}: ip6 given, but the lab was built without ipv6=True")
+            pod_ip6 = self._check_pod_ip(
+                ip6,
+                network=self._pod_network6,
+                gateway=self.gateway_ip6,
+                taken=[p.ip6 for p in self.pods.values() if p.ip6],
+            )
+        return self._create_routed_pod(
+            name,
+            node_ns=self.node_ns,
+            ip=pod_ip,
+            network=self.pod_network,
+            gateway=self.gateway_ip,
+            ip6=pod_ip6,
+            network6=self._pod_network6,
+            gateway6=self.gateway_ip6,
+            tcp_ports=tcp_ports,
+            udp_ports=udp_ports,
+        )
 
 
 def _sigterm_to_exit(signum: int, _frame: FrameType | None) -> None:
