@@ -15,17 +15,23 @@ import gc
 import logging
 import signal
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any
 
+from kubeproxy.backends.conntrack import ConntrackReconciler
 from kubeproxy.backends.nftables.backend import NftablesBackend
 from kubeproxy.backends.nftables.render import NftOptions
-from kubeproxy.config import ConfigError, ProxyConfig, ProxyMode
+from kubeproxy.config import ConfigError, DetectLocalMode, ProxyConfig, ProxyMode
+from kubeproxy.kernel import nft as kernel_nft
+from kubeproxy.kernel.conntrack import Conntrack, ConntrackCli
 from kubeproxy.kernel.errors import KernelError
+from kubeproxy.kernel.netif import LocalAddresses
 from kubeproxy.kernel.nft import Nft, NftCli
+from kubeproxy.kernel.sysctl import ProcSysctl, Sysctl, apply_conntrack_sysctls
 from kubeproxy.model import objects
 from kubeproxy.model.service import IPFamily, NamespacedName, family_of
 from kubeproxy.runner import SyncRunner
+from kubeproxy.servers.healthcheck import ServiceHealthServer
 from kubeproxy.sources import kubeconfig
 from kubeproxy.sources.api import ApiSource
 from kubeproxy.sources.events import Change
@@ -39,18 +45,37 @@ log = logging.getLogger("kubeproxy.daemon")
 AfterSync = Callable[[ProxyState, UpdateResult, bool], Awaitable[None]]
 
 
-def build_backends(cfg: ProxyConfig, nft: Nft) -> list[NftablesBackend]:
+def local_detection(cfg: ProxyConfig, family: IPFamily) -> dict[str, Any]:
+    """NftOptions fields for ``--detect-local-mode`` in one family."""
+    mode = cfg.detect_local_mode
+    if mode is DetectLocalMode.BRIDGE_INTERFACE:
+        return {"local_interface": cfg.pod_bridge_interface}
+    if mode is DetectLocalMode.INTERFACE_NAME_PREFIX:
+        return {"local_interface": cfg.pod_interface_name_prefix + "*"}
+    if mode is DetectLocalMode.NODE_CIDR:
+        return {"node_cidr": True}
+    return {"cluster_cidrs": tuple(c for c in cfg.cluster_cidrs if family_of(c.split("/")[0]) is family)}
+
+
+def build_backends(
+    cfg: ProxyConfig, nft: Nft, *, interface_addresses: Callable[[], Sequence[str]] | None = None
+) -> list[NftablesBackend]:
     if cfg.mode is not ProxyMode.NFTABLES:
         raise ConfigError(f"--proxy-mode={cfg.mode.value} is not implemented yet (nftables is)")
+    if "localhost" in cfg.nodeport_addresses:
+        log.warning("nodePortAddresses: nftables mode never accepts NodePorts on loopback addresses value=localhost")
+    if cfg.detect_local_mode is DetectLocalMode.CLUSTER_CIDR and not cfg.cluster_cidrs:
+        log.info("no --cluster-cidr: traffic from outside the cluster to ClusterIPs is not masqueraded")
     backends = []
     for family in (IPFamily.V4, IPFamily.V6):
         opts = NftOptions(
             family=family,
             masquerade_bit=cfg.masquerade_bit,
             masquerade_all=cfg.masquerade_all,
-            cluster_cidrs=tuple(c for c in cfg.cluster_cidrs if family_of(c.split("/")[0]) is family),
+            nodeport_addresses=cfg.nodeport_addresses,
+            **local_detection(cfg, family),
         )
-        backends.append(NftablesBackend(nft, opts))
+        backends.append(NftablesBackend(nft, opts, interface_addresses=interface_addresses or LocalAddresses()))
     return backends
 
 
@@ -140,13 +165,46 @@ def build_source(cfg: ProxyConfig) -> ManifestDirectory | ApiSource:
     return ApiSource(kubeconfig.resolve(cfg.kubeconfig, cfg.master), cfg.node_name)
 
 
-async def run(cfg: ProxyConfig, *, nft: Nft | None = None, stop: asyncio.Event | None = None) -> int:
+async def run(
+    cfg: ProxyConfig,
+    *,
+    nft: Nft | None = None,
+    conntrack: Conntrack | None = None,
+    sysctl: Sysctl | None = None,
+    stop: asyncio.Event | None = None,
+) -> int:
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     source = build_source(cfg)
-    proxy = Proxy(cfg, build_backends(cfg, nft or NftCli()))
+    # Conntrack and sysctls default to this namespace's kernel only when the data plane does too (no
+    # nft injected, and the real NftCli built): a run against a fake nft or another namespace's nft
+    # (tests, the lab) never touches the host's conntrack table or sysctls unless given adapters.
+    real_kernel = nft is None
+    nft = nft or NftCli()
+    real_kernel = real_kernel and isinstance(nft, kernel_nft.NftCli)
+    proxy = Proxy(cfg, build_backends(cfg, nft))
+    if sysctl is None and real_kernel:
+        sysctl = ProcSysctl()
+    if sysctl is not None:
+        # Upstream tunes conntrack at startup; we do it once the initial state is complete, just
+        # after the first sync, so that a start that fails (bad manifests, no API access) changes
+        # nothing on the node -- not its rules, not its sysctls.
+        node_sysctl, tuned = sysctl, False
+
+        async def tune_conntrack(_state: ProxyState, _result: UpdateResult, _full: bool) -> None:
+            nonlocal tuned
+            if not tuned:
+                tuned = True
+                await asyncio.to_thread(apply_conntrack_sysctls, node_sysctl, cfg.conntrack)
+
+        proxy.after_sync.insert(0, tune_conntrack)
+    if conntrack is None and real_kernel:
+        conntrack = ConntrackCli()
+    if conntrack is not None:
+        ct_cleanup = ConntrackReconciler(conntrack, interface_addresses=LocalAddresses() if real_kernel else None)
+        proxy.after_sync.append(ct_cleanup.after_sync)
     log.info(
         "starting kube-proxy mode=%s node=%s source=%s cluster_cidrs=%s",
         cfg.mode.value,
@@ -157,6 +215,13 @@ async def run(cfg: ProxyConfig, *, nft: Nft | None = None, stop: asyncio.Event |
     # Node-level setup, servers and post-sync steps attach here; each extra is a named coroutine
     # that runs until ``stop`` is set.
     extras: dict[str, Coroutine[Any, Any, None]] = {}
+    # healthCheckNodePort listeners (ETP=Local LoadBalancers), on their own thread. Updated after
+    # every successful sync, the first included (an update that arrives before the server has started
+    # is applied when it starts). "Proxy healthy" is upstream's healthz rule: no requested sync has
+    # been waiting longer than 2 x syncPeriod.
+    service_health = ServiceHealthServer(cfg.node_name, lambda: proxy.runner.healthy(2 * cfg.sync_period))
+    proxy.after_sync.append(service_health.after_sync)
+    extras["service-health"] = service_health.serve(stop)
     tasks = [
         asyncio.create_task(source.run(proxy.on_change, proxy.on_synced, stop=stop), name="source"),
         asyncio.create_task(proxy.runner.run(stop), name="runner"),
