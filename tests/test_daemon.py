@@ -245,3 +245,27 @@ def test_missing_permission_stops_startup_with_exit_1(
         server.forbid("list", "endpointslices")
         assert main([f"--master={server.url}", "--hostname-override=node1"]) == 1
     assert "kube-proxy needs verb=list on resource=endpointslices" in capsys.readouterr().err
+
+
+def test_a_table_deleted_behind_our_back_is_recreated() -> None:
+    async def scenario() -> None:
+        nft = FakeNft()
+        proxy = make_proxy(nft)
+        proxy.on_change(change(service("svc1", "10.96.0.10"), "Service", "ns1", "svc1"))
+        proxy.on_change(change(endpoint_slice("s1", "svc1", ["10.244.1.2"]), "EndpointSlice", "ns1", "s1"))
+        proxy.runner.min_interval = 0.0
+        stop = asyncio.Event()
+        tasks = [
+            asyncio.create_task(proxy.runner.run(stop)),
+            asyncio.create_task(proxy.watch_tables(stop, 0.05)),
+        ]
+        proxy.on_synced()
+        await eventually(lambda: ("ip", "kube-proxy") in nft.tables)
+        before = nft.tables[("ip", "kube-proxy")].elements["service-ips"]
+        del nft.tables[("ip", "kube-proxy")]  # `nft delete table ip kube-proxy` by someone else
+        await eventually(lambda: ("ip", "kube-proxy") in nft.tables)
+        assert nft.tables[("ip", "kube-proxy")].elements["service-ips"] == before
+        stop.set()
+        await asyncio.gather(*tasks)
+
+    asyncio.run(scenario())

@@ -11,6 +11,7 @@ Invariants (DESIGN.md section 5):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import signal
@@ -20,7 +21,7 @@ from typing import Any
 
 from kubeproxy.backends.conntrack import ConntrackReconciler
 from kubeproxy.backends.nftables.backend import NftablesBackend
-from kubeproxy.backends.nftables.render import NftOptions
+from kubeproxy.backends.nftables.render import TABLE, NftOptions
 from kubeproxy.config import ConfigError, DetectLocalMode, ProxyConfig, ProxyMode
 from kubeproxy.kernel import nft as kernel_nft
 from kubeproxy.kernel.conntrack import Conntrack, ConntrackCli
@@ -112,6 +113,31 @@ class Proxy:
             return
         if pending:
             self.runner.request()
+
+    async def watch_tables(self, stop: asyncio.Event, interval: float) -> None:
+        """Re-create our tables when someone removes them (``nft flush ruleset``, another tool).
+
+        Upstream e2e "should recreate its rules if they are deleted". Every ``interval`` (syncPeriod)
+        this lists table names only, which costs the same at 10 or 10k Services; a missing table
+        forces a full sync, which rebuilds it from our state.
+        """
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=interval)
+                return
+            if not self.synced.is_set():
+                continue
+            for backend in self.backends:
+                try:
+                    present = await asyncio.to_thread(backend.nft.has_table, backend.family, TABLE)
+                except KernelError as exc:
+                    log.warning("cannot check our table family=%s error=%r", backend.family, str(exc))
+                    continue
+                if not present:
+                    log.warning("our nftables table is gone; re-creating it with a full sync family=%s", backend.family)
+                    self._need_full = True
+                    self.runner.request()
+                    break
 
     def on_synced(self) -> None:
         self.state.services_synced = self.state.slices_synced = True
@@ -222,6 +248,7 @@ async def run(
     service_health = ServiceHealthServer(cfg.node_name, lambda: proxy.runner.healthy(2 * cfg.sync_period))
     proxy.after_sync.append(service_health.after_sync)
     extras["service-health"] = service_health.serve(stop)
+    extras["table-watch"] = proxy.watch_tables(stop, cfg.sync_period)
     tasks = [
         asyncio.create_task(source.run(proxy.on_change, proxy.on_synced, stop=stop), name="source"),
         asyncio.create_task(proxy.runner.run(stop), name="runner"),

@@ -219,7 +219,8 @@ def test_daemon_from_manifests_programs_node_and_follows_changes(lab: Lab, tmp_p
     proc = lab.spawn(
         lab.node_ns,
         [sys.executable, "-m", "kubeproxy", f"--manifests={manifests}", "--hostname-override=node1",
-         f"--cluster-cidr={CLUSTER_CIDR}", "--v=2", "--iptables-min-sync-period=100ms"],
+         f"--cluster-cidr={CLUSTER_CIDR}", "--v=2", "--iptables-min-sync-period=100ms",
+         "--iptables-sync-period=1s"],
         log_path=str(log),
     )  # fmt: skip
     try:
@@ -233,6 +234,10 @@ def test_daemon_from_manifests_programs_node_and_follows_changes(lab: Lab, tmp_p
         )
         (manifests / "slice.yaml").write_text(_slice("10.244.1.4"))
         assert wait_until(lambda: set(spread(client, "10.96.0.10", 80, 8)) == {"c"}), log.read_text()
+        # Someone deletes our table: the proxy notices within a syncPeriod and rebuilds it.
+        run(["nft", "delete", "table", "ip", "kube-proxy"], netns=lab.node_ns)
+        assert wait_until(lambda: set(spread(client, "10.96.0.10", 80, 4, timeout=0.3)) == {"c"}), log.read_text()
+        assert "table is gone" in log.read_text()
         # SIGTERM: the process exits and the rules stay (traffic keeps flowing during restarts).
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=10) == 0, log.read_text()

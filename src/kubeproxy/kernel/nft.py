@@ -38,6 +38,9 @@ class Nft(Protocol):
     def delete_table(self, family: str, table: str) -> bool:
         """Delete the table if present; True if it existed."""
 
+    def has_table(self, family: str, table: str) -> bool:
+        """Whether the table exists (cheap: lists table names only)."""
+
 
 def _nft_binary() -> str:
     return shutil.which("nft") or shutil.which("nft", path="/usr/sbin:/sbin") or "nft"
@@ -81,6 +84,12 @@ class NftCli:
             return False
         raise NftError(f"nft delete table {family} {table} failed: {proc.stderr.strip()}")
 
+    def has_table(self, family: str, table: str) -> bool:
+        proc = self._exec(["list", "tables", family])
+        if proc.returncode != 0:
+            raise NftError(f"nft list tables {family} failed: {proc.stderr.strip()[:2000]}")
+        return f"table {family} {table}" in proc.stdout.splitlines()
+
     def version(self) -> str:
         return self._exec(["--version"]).stdout.strip()
 
@@ -119,6 +128,9 @@ class FakeNft:
     def __init__(self) -> None:
         self.tables: dict[tuple[str, str], _Table] = {}
         self.transactions: list[str] = []
+
+    def has_table(self, family: str, table: str) -> bool:
+        return (family, table) in self.tables
 
     def run(self, script: str) -> None:
         work = copy.deepcopy(self.tables)

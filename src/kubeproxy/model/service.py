@@ -218,7 +218,10 @@ def service_ports(svc: objects.Service) -> dict[ServicePortName, ServicePort]:
             load_balancer_source_ranges=ranges,
             external_policy_local=spec.externalTrafficPolicy == "Local",
             internal_policy_local=spec.internalTrafficPolicy == "Local",
-            health_check_node_port=spec.healthCheckNodePort,
+            # Only an ETP=Local LoadBalancer has one (the API server enforces it; manifests may not).
+            health_check_node_port=(
+                spec.healthCheckNodePort if spec.type == "LoadBalancer" and spec.externalTrafficPolicy == "Local" else 0
+            ),
             affinity_timeout=affinity,
             traffic_distribution=spec.trafficDistribution,
         )
