@@ -19,7 +19,18 @@ import pytest
 
 from builders import CLUSTER_CIDR, endpoint_slice, node, service, state_with
 from flowlab import PROBES, check_flow, flow_lab, source_netns
-from flows import ALL_FLOWS, BASIC_FLOWS, FAMILIES, PODS, Flow, addr, basic_objects, expected_pods, objects_for
+from flows import (
+    ALL_FLOWS,
+    BASIC_FLOWS,
+    FAMILIES,
+    PODS,
+    Flow,
+    addr,
+    basic_objects,
+    expected_pods,
+    objects_for,
+    to_family,
+)
 from kubeproxy.backends.nftables.backend import NftablesBackend
 from kubeproxy.backends.nftables.render import NftOptions
 from kubeproxy.kernel.nft import NftCli
@@ -27,6 +38,7 @@ from kubeproxy.lab.cluster import Lab
 from kubeproxy.lab.netns import lab_unavailable_reason, run
 from kubeproxy.lab.probe import Outcome, spread, tcp_probe
 from kubeproxy.lab.sctp import sctp_probe
+from kubeproxy.model import objects
 from kubeproxy.model.service import IPFamily, NamespacedName
 from kubeproxy.state.snapshot import ProxyState
 from waiting import wait_until
@@ -122,19 +134,27 @@ def test_udp_service(lab: Lab) -> None:
         backend.cleanup()
 
 
-def test_removed_endpoint_stops_receiving_traffic(programmed: tuple[Lab, NftablesBackend, ProxyState]) -> None:
-    lab, backend, st = programmed
-    client = lab.pods["client"].netns
-    assert set(spread(client, "10.96.0.10", 80, PROBES)) == {"a", "b"}
-    st.on_endpoint_slice(
-        ("ns1", "svc1-x"), endpoint_slice("svc1-x", "svc1", ["10.244.1.3"], ports=[{"name": "http", "port": 8080}])
-    )
-    backend.sync(st, st.commit().changed, full=False)
-    assert set(spread(client, "10.96.0.10", 80, PROBES)) == {"b"}
-    # And the last one gone: refused, not hanging.
-    st.on_endpoint_slice(("ns1", "svc1-x"), None)
-    backend.sync(st, st.commit().changed, full=False)
-    assert tcp_probe(client, "10.96.0.10", 80).outcome is Outcome.REFUSED
+@pytest.mark.parametrize("family", FAMILIES, ids=["ipv4", "ipv6"])
+def test_removed_endpoint_stops_receiving_traffic(lab: Lab, family: IPFamily) -> None:
+    backend = NftablesBackend(NftCli(netns=lab.node_ns), options(family))
+    st = state_with(*objects_for(family))
+    client, cip = lab.pods["client"].netns, addr("10.96.0.10", family)
+    try:
+        backend.sync(st, set(), full=True)
+        assert set(spread(client, cip, 80, PROBES)) == {"a", "b"}
+        one = to_family(
+            endpoint_slice("svc1-x", "svc1", ["10.244.1.3"], ports=[{"name": "http", "port": 8080}]), family
+        )
+        assert isinstance(one, objects.EndpointSlice)
+        st.on_endpoint_slice(("ns1", "svc1-x"), one)
+        backend.sync(st, st.commit().changed, full=False)
+        assert set(spread(client, cip, 80, PROBES)) == {"b"}
+        # And the last one gone: refused, not hanging.
+        st.on_endpoint_slice(("ns1", "svc1-x"), None)
+        backend.sync(st, st.commit().changed, full=False)
+        assert tcp_probe(client, cip, 80, timeout=2.5).outcome is Outcome.REFUSED
+    finally:
+        backend.cleanup()
 
 
 def rule_handles(lab: Lab, chain_part: str) -> dict[str, list[str]]:
@@ -253,27 +273,31 @@ def test_daemon_from_manifests_programs_node_and_follows_changes(lab: Lab, tmp_p
             proc.kill()
 
 
-def test_session_affinity_sticks_and_can_be_switched_off_and_on(lab: Lab) -> None:
+@pytest.mark.parametrize("family", FAMILIES, ids=["ipv4", "ipv6"])
+def test_session_affinity_sticks_and_can_be_switched_off_and_on(lab: Lab, family: IPFamily) -> None:
     nft = NftCli(netns=lab.node_ns)
-    backend = NftablesBackend(nft, OPTS)
+    backend = NftablesBackend(nft, options(family))
     ports = [{"name": "http", "port": 80}]
     slice_ports = [{"name": "http", "port": 8080}]
-    sticky = service("aff", "10.96.0.91", ports=ports, sessionAffinity="ClientIP",
-                     sessionAffinityConfig={"clientIP": {"timeoutSeconds": 30}})  # fmt: skip
-    st = state_with(node(), sticky, endpoint_slice("aff-x", "aff", ["10.244.1.2", "10.244.1.3"], ports=slice_ports))
+    sticky = to_family(service("aff", "10.96.0.91", ports=ports, sessionAffinity="ClientIP",
+                               sessionAffinityConfig={"clientIP": {"timeoutSeconds": 30}}), family)  # fmt: skip
+    plain = to_family(service("aff", "10.96.0.91", ports=ports), family)
+    assert isinstance(sticky, objects.Service) and isinstance(plain, objects.Service)
+    eps = to_family(endpoint_slice("aff-x", "aff", ["10.244.1.2", "10.244.1.3"], ports=slice_ports), family)
+    st = state_with(to_family(node(), family), sticky, eps)
     key = NamespacedName("ns1", "aff")
-    client = lab.pods["client"].netns
+    client, cip = lab.pods["client"].netns, addr("10.96.0.91", family)
     try:
         backend.sync(st, set(), full=True)
-        answers = spread(client, "10.96.0.91", 80, PROBES)
+        answers = spread(client, cip, 80, PROBES)
         assert len(set(answers)) == 1, answers  # P(24 random picks all equal) = 2**-23
         # Off: the same client is spread again (live Service, partial sync).
-        st.on_service(key, service("aff", "10.96.0.91", ports=ports))
+        st.on_service(key, plain)
         backend.sync(st, st.commit().changed, full=False)
-        assert set(spread(client, "10.96.0.91", 80, PROBES)) == {"a", "b"}
+        assert set(spread(client, cip, 80, PROBES)) == {"a", "b"}
         # On again: sticky again.
         st.on_service(key, sticky)
         backend.sync(st, st.commit().changed, full=False)
-        assert len(set(spread(client, "10.96.0.91", 80, PROBES))) == 1
+        assert len(set(spread(client, cip, 80, PROBES))) == 1
     finally:
         backend.cleanup()
