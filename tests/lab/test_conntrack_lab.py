@@ -153,24 +153,30 @@ def test_udp_clusterip_flow_moves_to_the_new_endpoint_only_after_cleanup(lab: La
         backend.cleanup()
 
 
-def test_udp_nodeport_flow_from_outside_moves_only_after_cleanup(lab: Lab) -> None:
-    plan = PLANS[IPFamily.V4]
-    backend = NftablesBackend(NftCli(netns=lab.node_ns), NftOptions(cluster_cidrs=(plan.cluster_cidr,)))
+@pytest.mark.parametrize("family", [IPFamily.V4, IPFamily.V6], ids=["ipv4", "ipv6"])
+def test_udp_nodeport_flow_from_outside_moves_only_after_cleanup(lab: Lab, family: IPFamily) -> None:
+    plan = PLANS[family]
+    opts = NftOptions(family=family, cluster_cidrs=(plan.cluster_cidr,))
+    backend = NftablesBackend(NftCli(netns=lab.node_ns), opts)
     ports = [{**DNS[0], "nodePort": 30053}]
+    v6 = family is IPFamily.V6
+    node_ip = lab.node_ip6 if v6 else lab.node_ip
+    assert node_ip is not None
     st = state_with(
-        node(),
-        service("np", "10.96.0.54", type="NodePort", ports=ports),
-        endpoint_slice("np-x", "np", [plan.a], ports=DNS_SLICE),
-    )
+        node(ip=node_ip),
+        service("np", "fd00:10:96::36" if v6 else "10.96.0.54", type="NodePort", ports=ports,
+                ipFamilies=["IPv6" if v6 else "IPv4"]),
+        endpoint_slice("np-x", "np", [plan.a], ports=DNS_SLICE, address_type=plan.address_type),
+    )  # fmt: skip
     reconciler = ConntrackReconciler(ConntrackCli(netns=lab.node_ns))
     try:
         backend.sync(st, set(), full=True)
-        with client(lab.client_ns, lab.node_ip, 30053) as flow:
+        with client(lab.client_ns, node_ip, 30053) as flow:
             assert flow.ask() == "a"
             move_endpoint(st, backend, plan, "np", plan.b)
             assert flow.ask() == "a"  # pinned
-            (result,) = reconciler.reconcile(st)
-            assert result.deleted == 1
+            results = [r for r in reconciler.reconcile(st) if r.deleted]
+            assert [r.deleted for r in results] == [1]
             assert flow.ask() == "b"
     finally:
         backend.cleanup()
