@@ -30,6 +30,9 @@ metadata: {name: lb, namespace: ns1}
 spec:
   type: LoadBalancer
   clusterIP: 10.96.0.60
+  clusterIPs: [10.96.0.60, "fd00:10:96::60"]
+  ipFamilies: [IPv4, IPv6]
+  ipFamilyPolicy: RequireDualStack
   externalTrafficPolicy: Local
   healthCheckNodePort: 32000
   ports: [{name: http, port: 80, nodePort: 30080}]
@@ -38,14 +41,24 @@ spec:
 SLICE = """\
 apiVersion: discovery.k8s.io/v1
 kind: EndpointSlice
-metadata: {{name: lb-1, namespace: ns1, labels: {{kubernetes.io/service-name: lb}}}}
-addressType: IPv4
+metadata: {{name: lb-{name}, namespace: ns1, labels: {{kubernetes.io/service-name: lb}}}}
+addressType: {family}
 ports: [{{name: http, port: 8080}}]
 endpoints:
-- addresses: [10.244.1.2]
+- addresses: ["{address}"]
   nodeName: {node}
   conditions: {conditions}
 """
+
+
+def slices(node: str, conditions: str) -> str:
+    """One slice per family (the IPv4 and IPv6 health checks count their own family's endpoints)."""
+    return "---\n".join(
+        SLICE.format(name=family.lower(), family=family, address=address, node=node, conditions=conditions)
+        for family, address in (("IPv4", "10.244.1.2"), ("IPv6", "fd00:10:244::1:2"))
+    )
+
+
 READY = "{ready: true}"
 TERMINATING = "{ready: false, serving: true, terminating: true}"
 
@@ -73,24 +86,27 @@ def test_daemon_serves_health_check_node_port_to_the_outside(tmp_path: Path) -> 
     manifests = tmp_path / "manifests"
     manifests.mkdir()
     _write(manifests / "service.yaml", SERVICE)
-    _write(manifests / "slice.yaml", SLICE.format(node="node1", conditions=READY))
+    _write(manifests / "slice.yaml", slices("node1", READY))
     log = tmp_path / "proxy.log"
-    with Lab(tag=f"hc{os.getpid() % 100000}") as lab:
+    with Lab(tag=f"hc{os.getpid() % 100000}", ipv6=True) as lab:
         answers: list[tuple[int, dict[str, object], str] | None] = []
+        assert lab.node_ip6 is not None
+        node_ips = (lab.node_ip, lab.node_ip6)
 
-        def probe() -> tuple[int, dict[str, object], str] | None:
+        def probe(node_ip: str | None = None) -> tuple[int, dict[str, object], str] | None:
             # From the client's namespace, like a load balancer outside the node; never from the host.
-            answers.append(call_in_netns(lab.client_ns, _get, lab.node_ip, HC_PORT))
+            answers.append(call_in_netns(lab.client_ns, _get, node_ip or lab.node_ip, HC_PORT))
             return answers[-1]
 
         def answers_with(status: int, local: int) -> bool:
-            got = probe()
-            return got is not None and got[0] == status and got[1]["localEndpoints"] == local
+            # Both families' health checks: each counts the endpoints of its own family.
+            got = [probe(ip) for ip in node_ips]
+            return all(g is not None and g[0] == status and g[1]["localEndpoints"] == local for g in got)
 
         proc = lab.spawn(
             lab.node_ns,
             [sys.executable, "-m", "kubeproxy", f"--manifests={manifests}", "--hostname-override=node1",
-             f"--cluster-cidr={CLUSTER_CIDR}", "--v=2", "--iptables-min-sync-period=100ms"],
+             f"--cluster-cidr={CLUSTER_CIDR},fd00:10:244::/64", "--v=2", "--iptables-min-sync-period=100ms"],
             log_path=str(log),
         )  # fmt: skip
         try:
@@ -104,16 +120,16 @@ def test_daemon_serves_health_check_node_port_to_the_outside(tmp_path: Path) -> 
             assert weight == "1"
 
             # The local pod starts terminating: the node reports no endpoints so the LB drains it.
-            _write(manifests / "slice.yaml", SLICE.format(node="node1", conditions=TERMINATING))
+            _write(manifests / "slice.yaml", slices("node1", TERMINATING))
             assert wait_until(lambda: answers_with(503, 0)), (answers[-1:], log.read_text())
-            _write(manifests / "slice.yaml", SLICE.format(node="node1", conditions=READY))
+            _write(manifests / "slice.yaml", slices("node1", READY))
             assert wait_until(lambda: answers_with(200, 1)), (answers[-1:], log.read_text())
             # The endpoint now lives on another node.
-            _write(manifests / "slice.yaml", SLICE.format(node="node2", conditions=READY))
+            _write(manifests / "slice.yaml", slices("node2", READY))
             assert wait_until(lambda: answers_with(503, 0)), (answers[-1:], log.read_text())
             # The Service is deleted: the listener closes.
             (manifests / "service.yaml").unlink()
-            assert wait_until(lambda: probe() is None), (answers[-1:], log.read_text())
+            assert wait_until(lambda: all(probe(ip) is None for ip in node_ips)), (answers[-1:], log.read_text())
 
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(timeout=10) == 0, log.read_text()
