@@ -76,7 +76,8 @@ def build_backends(
             nodeport_addresses=cfg.nodeport_addresses,
             **local_detection(cfg, family),
         )
-        backends.append(NftablesBackend(nft, opts, interface_addresses=interface_addresses or LocalAddresses()))
+        local = interface_addresses or LocalAddresses(netns=getattr(nft, "netns", None))
+        backends.append(NftablesBackend(nft, opts, interface_addresses=local))
     return backends
 
 
@@ -246,7 +247,9 @@ async def run(
     # is applied when it starts). "Proxy healthy" is upstream's healthz rule: no requested sync has
     # been waiting longer than 2 x syncPeriod.
     service_health = ServiceHealthServer(cfg.node_name, lambda: proxy.runner.healthy(2 * cfg.sync_period))
-    proxy.after_sync.append(service_health.after_sync)
+    # First among the post-sync steps: load balancers must learn about endpoint changes before any
+    # slower step (conntrack cleanup) runs.
+    proxy.after_sync.insert(0, service_health.after_sync)
     extras["service-health"] = service_health.serve(stop)
     extras["table-watch"] = proxy.watch_tables(stop, cfg.sync_period)
     tasks = [

@@ -170,7 +170,7 @@ def _conntrack_binary() -> str:
 
 
 class ConntrackCli:
-    def __init__(self, *, netns: str | None = None, binary: str | None = None, timeout: float = 300) -> None:
+    def __init__(self, *, netns: str | None = None, binary: str | None = None, timeout: float = 60) -> None:
         self._prefix = ["ip", "netns", "exec", netns] if netns else []
         self._binary = binary or _conntrack_binary()
         self._timeout = timeout

@@ -48,6 +48,7 @@ def _nft_binary() -> str:
 
 class NftCli:
     def __init__(self, *, netns: str | None = None, binary: str | None = None, timeout: float = 300) -> None:
+        self.netns = netns
         self._prefix = ["ip", "netns", "exec", netns] if netns else []
         self._binary = binary or _nft_binary()
         self._timeout = timeout

@@ -243,7 +243,7 @@ def _set_if_different(sysctl: Sysctl, name: str, value: int, report: SysctlRepor
 def apply_conntrack_sysctls(sysctl: Sysctl, settings: ConntrackSettings, *, cpus: int | None = None) -> SysctlReport:
     """Apply upstream's conntrack sysctls; a value the kernel refuses is a warning, never fatal."""
     report = SysctlReport()
-    desired = desired_conntrack_sysctls(settings, cpus=cpus or os.cpu_count() or 1)
+    desired = desired_conntrack_sysctls(settings, cpus=cpus or _usable_cpus())
     for name, value in desired.items():
         if not _set_if_different(sysctl, name, value, report) or name != CONNTRACK_MAX:
             continue
@@ -268,3 +268,12 @@ def apply_conntrack_sysctls(sysctl: Sysctl, settings: ConntrackSettings, *, cpus
         report.written[HASHSIZE] = want
         log.info("set conntrack hashsize value=%d previous=%d", want, hashsize)
     return report
+
+
+def _usable_cpus() -> int:
+    """CPUs this process may run on (Go's runtime.NumCPU honours affinity too: a pinned container
+    must not size conntrack for the whole host)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1

@@ -40,6 +40,7 @@ from kubeproxy.backends.nftables.render import (
     static_chains,
     table_commands,
 )
+from kubeproxy.kernel.errors import KernelError
 from kubeproxy.kernel.nft import Nft, NftError
 from kubeproxy.model.service import NamespacedName
 from kubeproxy.state.snapshot import ProxyState
@@ -111,6 +112,7 @@ class NftablesBackend:
         self.opts = opts  # in force: NodeCIDR detection resolves against the Node (NftOptions.for_node)
         self._interface_addresses = interface_addresses
         self._local_addresses: tuple[str, ...] = ()
+        self._warned_no_pod_cidr = False
         self.family = opts.nft_family
         self._fragments: dict[NamespacedName, Fragment] = {}
         self._owners: dict[ElemKey, dict[Owner, str | None]] = {}
@@ -174,8 +176,20 @@ class NftablesBackend:
             # The local-traffic match is in static and Service chains alike: rewrite everything.
             log.info("local traffic detection changed family=%s cidrs=%s", self.family, ",".join(opts.cluster_cidrs))
             self.opts, full = opts, True
-        if full and self._interface_addresses is not None and self.opts.nodeport_cidrs:
-            self._local_addresses = tuple(self._interface_addresses())
+        if opts.node_cidr and not opts.cluster_cidrs and not self._warned_no_pod_cidr:
+            log.warning(
+                "detect-local-mode NodeCIDR: the Node has no podCIDRs of this family yet; local traffic is not "
+                "detected until it has family=%s",
+                self.family,
+            )
+            self._warned_no_pod_cidr = True
+        if self._interface_addresses is not None and self.opts.nodeport_cidrs and not self.opts.nodeport_match_all:
+            # Cheap (one `ip -j addr`), and only with nodePortAddresses CIDRs: re-read every sync so an
+            # address added to the node gets its NodePorts without waiting for a full sync.
+            try:
+                self._local_addresses = tuple(self._interface_addresses())
+            except KernelError as exc:
+                log.warning("cannot list local addresses, keeping the last known error=%r", str(exc))
         now = time.monotonic()
         lines: list[str] = []
         stale = dict(self._stale)
@@ -309,7 +323,13 @@ class NftablesBackend:
             log.debug("applying nftables transaction family=%s commands=%d", self.family, len(lines))
             if log.isEnabledFor(logging.DEBUG - 5):
                 log.log(logging.DEBUG - 5, "transaction:\n%s", script)
-            self.nft.run(script)  # raises NftError; nothing below runs then
+            try:
+                self.nft.run(script)  # raises NftError; nothing below runs then
+            except NftError:
+                # Our records stay as they were, but the options in force may already be new: make
+                # sure the retry is a full sync whoever calls us next.
+                self._synced_once = False
+                raise
 
         # Commit bookkeeping only now that the kernel holds it.
         if full:
