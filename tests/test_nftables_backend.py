@@ -32,10 +32,10 @@ def two_services() -> ProxyState:
     )
 
 
-def kernel_matches_render(nft: FakeNft, st: ProxyState) -> None:
+def kernel_matches_render(nft: FakeNft, st: ProxyState, opts: NftOptions = OPTS) -> None:
     """The fake kernel holds exactly what the pure renderer says the table should be."""
     want = FakeNft()
-    want.run(render_state(st, OPTS).text())
+    want.run(render_state(st, opts).text())
     assert nft.dump() == want.dump()
 
 
@@ -259,3 +259,21 @@ def test_any_sequence_of_partial_syncs_leaves_the_kernel_equal_to_a_fresh_render
                 clock[0] += out.followup_after
                 assert be.sync(state, set(), full=False).followup_after is None
         kernel_matches_render(nft, state)
+
+
+def test_node_cidr_change_survives_a_failed_transaction() -> None:
+    # NodeCIDR detection follows the Node; if the sync carrying the change fails, the next one (even
+    # one a caller asks to be partial) must still rewrite the chains that match on the pod CIDR.
+    opts = NftOptions(node_cidr=True)
+    st = state_with(node(pod_cidrs=["10.244.1.0/24"]), service("svc1", "10.96.0.10"))
+    nft = FailingOnce()
+    be = NftablesBackend(nft, opts)
+    be.sync(st, set(), full=True)
+    st.on_node(node(pod_cidrs=["10.244.9.0/24"]))
+    st.commit()
+    nft.fail_next = True
+    with pytest.raises(NftError):
+        be.sync(st, set(), full=False)
+    assert be.sync(st, set(), full=False).full
+    assert "ip saddr != 10.244.9.0/24" in "".join(nft.tables[("ip", "kube-proxy")].chains["services"])
+    kernel_matches_render(nft, st, opts)
