@@ -18,18 +18,16 @@ refused write as a warning, like upstream does for a read-only /sys.
 
 from __future__ import annotations
 
-import ctypes
 import errno
-import functools
 import logging
 import os
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, TypeVar
 
 from kubeproxy.kernel.errors import KernelError
+from kubeproxy.kernel.netns import NetnsError, run_in_netns
 
 __all__ = [
     "CONNTRACK_MAX",
@@ -52,7 +50,6 @@ CONNTRACK_MAX = "net/netfilter/nf_conntrack_max"
 HASHSIZE = "/sys/module/nf_conntrack/parameters/hashsize"
 _ALLOWED_ROOTS = (Path("/proc/sys"), Path("/sys/module"))
 _REFUSED = frozenset({errno.EACCES, errno.EPERM, errno.EROFS, errno.EOPNOTSUPP})
-_CLONE_NEWNET = 0x40000000
 
 
 class SysctlError(KernelError):
@@ -74,44 +71,12 @@ class Sysctl(Protocol):
         """Write ``value`` to ``name``."""
 
 
-@functools.cache
-def _libc() -> ctypes.CDLL:
-    return ctypes.CDLL(None, use_errno=True)
-
-
 def _in_netns(netns: str, fn: Callable[[], T]) -> T:
     """Run ``fn`` on a new thread that has joined named network namespace ``netns`` (and checked it)."""
-    if not netns or "/" in netns or netns in (".", ".."):
-        raise SysctlError(f"invalid network namespace name {netns!r}")
     try:
-        fd = os.open(Path("/run/netns", netns), os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as exc:
-        raise SysctlError(f"network namespace {netns!r} is not available: {exc.strerror}", errno_=exc.errno) from exc
-    result: list[T] = []
-    failure: list[BaseException] = []
-
-    def target() -> None:
-        try:
-            if int(_libc().setns(fd, _CLONE_NEWNET)) != 0:
-                err = ctypes.get_errno()
-                raise SysctlError(f"setns({netns}) failed: {os.strerror(err)}", errno_=err)
-            want, have = os.fstat(fd), Path("/proc/thread-self/ns/net").stat()
-            if (have.st_dev, have.st_ino) != (want.st_dev, want.st_ino):
-                raise SysctlError(f"thread did not enter network namespace {netns!r}")
-            result.append(fn())
-        except BaseException as exc:  # re-raised in the caller's thread
-            failure.append(exc)
-
-    try:
-        # A thread that switched namespaces is never reused: it ends with ``fn``.
-        thread = threading.Thread(target=target, name=f"sysctl:{netns}", daemon=True)
-        thread.start()
-        thread.join()
-    finally:
-        os.close(fd)
-    if failure:
-        raise failure[0]
-    return result[0]
+        return run_in_netns(netns, fn)
+    except NetnsError as exc:
+        raise SysctlError(str(exc), errno_=exc.errno) from exc
 
 
 class ProcSysctl:

@@ -14,17 +14,16 @@ Invariants:
 
 from __future__ import annotations
 
-import ctypes
-import functools
 import os
 import secrets
 import shlex
 import shutil
 import subprocess
-import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
+
+from kubeproxy.kernel.netns import NETNS_RUN_DIR, NetnsError, netns_path, run_in_netns
 
 __all__ = [
     "NETNS_RUN_DIR",
@@ -37,12 +36,6 @@ __all__ = [
 ]
 
 T = TypeVar("T")
-
-# Where `ip netns add` bind-mounts named namespaces (iproute2's NETNS_RUN_DIR).
-NETNS_RUN_DIR = Path("/run/netns")
-
-# From <sched.h>; the ctypes route is needed because Python 3.11 has no os.setns (added in 3.12).
-_CLONE_NEWNET = 0x40000000
 
 # Prefix of the throw-away namespace lab_unavailable_reason() creates; distinct from the "kpl-" lab
 # prefix so a probe can never be mistaken for a lab namespace.
@@ -102,62 +95,33 @@ def netns_exists(netns: str) -> bool:
 
 
 def _netns_path(netns: str) -> Path:
-    # A name with a slash or a dot-only name would escape /run/netns; refuse it rather than open it.
-    if not netns or "/" in netns or netns in {".", ".."}:
-        raise LabError(f"invalid network namespace name {netns!r}")
-    return NETNS_RUN_DIR / netns
-
-
-@functools.cache
-def _libc() -> ctypes.CDLL:
-    # Loaded lazily, once: importing this module must not need libc symbols.
-    return ctypes.CDLL(None, use_errno=True)
-
-
-def _setns(fd: int) -> None:
-    if int(_libc().setns(fd, _CLONE_NEWNET)) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"setns(CLONE_NEWNET) failed: {os.strerror(err)}")
+    try:
+        return netns_path(netns)
+    except NetnsError as exc:
+        raise LabError(str(exc)) from exc
 
 
 def call_in_netns(netns: str, fn: Callable[..., T], *args: Any) -> T:
     """Run ``fn(*args)`` in a fresh thread that has first joined network namespace ``netns``.
 
     Sockets created by ``fn`` live in that namespace (a socket keeps the namespace it was created in).
-    Returns ``fn``'s result or re-raises its exception in the caller's thread.
+    Returns ``fn``'s result or re-raises its exception in the caller's thread; a namespace that cannot
+    be entered is a ``LabError``.
     """
-    path = _netns_path(netns)
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as exc:
-        raise LabError(f"network namespace {netns!r} is not available: {exc.strerror}") from exc
+    _netns_path(netns)
+    entered = False
 
-    result: list[T] = []
-    failure: list[BaseException] = []
-
-    def target() -> None:
-        try:
-            _setns(fd)
-            # The network namespace is per thread on Linux; check that THIS thread moved before running
-            # code that may configure or send anything (safety rule: never act on the host namespace).
-            want = os.fstat(fd)
-            have = Path("/proc/thread-self/ns/net").stat()
-            if (have.st_dev, have.st_ino) != (want.st_dev, want.st_ino):
-                raise LabError(f"thread did not enter network namespace {netns!r}")
-            result.append(fn(*args))
-        except BaseException as exc:  # re-raised in the caller's thread below
-            failure.append(exc)
+    def inside() -> T:
+        nonlocal entered
+        entered = True
+        return fn(*args)
 
     try:
-        # A new thread per call: a thread that has switched namespaces is never reused for other work.
-        thread = threading.Thread(target=target, name=f"netns:{netns}", daemon=True)
-        thread.start()
-        thread.join()
-    finally:
-        os.close(fd)
-    if failure:
-        raise failure[0]
-    return result[0]
+        return run_in_netns(netns, inside)
+    except NetnsError as exc:
+        if entered:
+            raise  # fn's own error
+        raise LabError(str(exc)) from exc
 
 
 def lab_unavailable_reason() -> str | None:
