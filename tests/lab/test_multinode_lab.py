@@ -9,6 +9,8 @@ Services, each Service for one question:
     pair        ClusterIP -        n2a@node2, n3a@node3          pod on node1 -> ClusterIP -> other nodes, no SNAT
     local2      NodePort  Local    n2b@node2                     client IP kept on node2; DROP on node1
     everywhere  NodePort  Cluster  n1a@node1, n2a@node2, n3a@node3  one NodePort spreads over all nodes
+    udp-v4/v6   NodePort  Cluster  n2a@node2, then n3a@node3     a UDP flow follows its pod to another node
+                (UDP, one Service per family, so each family's test may move its own endpoint)
 
 Every data-path test runs for IPv4 and IPv6. A few fast tests at the end check the lab object itself.
 """
@@ -18,18 +20,20 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from kubeproxy.lab.cluster import STATE_DIR
 from kubeproxy.lab.multinode import CLIENT_IP, CLIENT_IP6, LabNode, MultiNodeLab
-from kubeproxy.lab.netns import LabError, lab_unavailable_reason, netns_exists, run
+from kubeproxy.lab.netns import LabError, call_in_netns, lab_unavailable_reason, netns_exists, run
 from kubeproxy.lab.probe import Outcome, ProbeResult, spread, tcp_probe
 from waiting import wait_until
 
@@ -51,6 +55,7 @@ class Svc:
     endpoints: tuple[str, ...]  # pod names
     node_port: int | None = None
     local: bool = False  # externalTrafficPolicy: Local
+    protocol: str = "TCP"
 
     def cluster_ip(self, family: int) -> str:
         return f"10.96.0.{self.index}" if family == 4 else f"fd00:10:96::{self.index}"
@@ -60,11 +65,13 @@ REMOTE = Svc("remote", 11, ("n2a",), node_port=30011)
 PAIR = Svc("pair", 12, ("n2a", "n3a"))
 LOCAL2 = Svc("local2", 13, ("n2b",), node_port=30013, local=True)
 EVERYWHERE = Svc("everywhere", 14, ("n1a", "n2a", "n3a"), node_port=30014)
-SERVICES = (REMOTE, PAIR, LOCAL2, EVERYWHERE)
+UDP_CYCLE = {4: Svc("udp-v4", 15, ("n2a",), node_port=30015, protocol="UDP"),
+             6: Svc("udp-v6", 16, ("n2a",), node_port=30016, protocol="UDP")}  # fmt: skip
+SERVICES = (REMOTE, PAIR, LOCAL2, EVERYWHERE, *UDP_CYCLE.values())
 
 
 def service_manifest(svc: Svc) -> dict[str, Any]:
-    port: dict[str, Any] = {"name": "http", "port": SVC_PORT, "protocol": "TCP", "targetPort": POD_PORT}
+    port: dict[str, Any] = {"name": "http", "port": SVC_PORT, "protocol": svc.protocol, "targetPort": POD_PORT}
     spec: dict[str, Any] = {
         "type": "NodePort" if svc.node_port else "ClusterIP",
         "clusterIP": svc.cluster_ip(4),
@@ -101,7 +108,7 @@ def slice_manifests(svc: Svc, lab: MultiNodeLab) -> list[dict[str, Any]]:
                     "labels": {"kubernetes.io/service-name": svc.name},
                 },
                 "addressType": f"IPv{family}",
-                "ports": [{"name": "http", "port": POD_PORT, "protocol": "TCP"}],
+                "ports": [{"name": "http", "port": POD_PORT, "protocol": svc.protocol}],
                 "endpoints": endpoints,
             }
         )
@@ -132,16 +139,26 @@ def proxy_logs(lab: MultiNodeLab) -> str:
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MultiNodeLab]:
-    manifests = tmp_path_factory.mktemp("multinode-manifests")
+def manifests(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("multinode-manifests")
+
+
+def write_services(lab: MultiNodeLab, directory: Path, services: Sequence[Svc]) -> None:
+    items = [service_manifest(s) for s in services] + [sl for s in services for sl in slice_manifests(s, lab)]
+    tmp = directory / ".services.json.tmp"
+    tmp.write_text(json.dumps({"kind": "List", "items": items}))
+    tmp.replace(directory / "services.json")  # a new inode: seen as a change even within one mtime tick
+
+
+@pytest.fixture(scope="module")
+def cluster(manifests: Path) -> Iterator[MultiNodeLab]:
     with MultiNodeLab(nodes=3, tag=f"mn{os.getpid() % 100000}") as lab:
         for name, (node, host) in PODS.items():
-            lab.add_pod(name, node=node, host=host, tcp_ports=(POD_PORT,))
+            lab.add_pod(name, node=node, host=host, tcp_ports=(POD_PORT,), udp_ports=(POD_PORT,))
         client_name, client_node, client_host = CLIENT_POD
         lab.add_pod(client_name, node=client_node, host=client_host, tcp_ports=())
         lab.write_node_manifests(manifests)
-        items = [service_manifest(s) for s in SERVICES] + [sl for s in SERVICES for sl in slice_manifests(s, lab)]
-        (manifests / "services.json").write_text(json.dumps({"kind": "List", "items": items}))
+        write_services(lab, manifests, SERVICES)
         procs = [lab.start_proxy(n.index, manifests) for n in lab.nodes]
 
         # Every file is in place before the proxies start, and a proxy programs all of its initial
@@ -217,6 +234,35 @@ def test_nodeport_on_node1_spreads_over_pods_on_every_node(cluster: MultiNodeLab
 
 
 # --- the lab itself ----------------------------------------------------------------------------------
+
+
+def test_a_udp_flow_follows_its_pod_to_another_node(cluster: MultiNodeLab, manifests: Path, family: int) -> None:
+    # Upstream e2e "should be able to preserve UDP traffic when server pod cycles for a LoadBalancer
+    # service on different nodes": ONE client socket (one conntrack entry on node1) keeps talking
+    # while the endpoint moves from node2 to node3; node1's proxy must delete the stale entry.
+    svc = UDP_CYCLE[family]
+    assert svc.node_port is not None
+    target = (node_ip(cluster.node(1), family), svc.node_port)
+    sock = call_in_netns(cluster.client_ns, socket.socket, socket.AF_INET if family == 4 else socket.AF_INET6,
+                         socket.SOCK_DGRAM)  # fmt: skip
+    sock.settimeout(0.5)
+
+    def ask() -> str | None:
+        try:
+            sock.sendto(b"probe\n", target)
+            return sock.recv(4096).decode().split()[0]
+        except OSError:
+            return None
+
+    try:
+        assert wait_until(lambda: ask() == "n2a"), proxy_logs(cluster)
+        moved = [replace(s, endpoints=("n3a",)) if s is svc else s for s in SERVICES]
+        write_services(cluster, manifests, moved)
+        assert wait_until(lambda: ask() == "n3a", timeout=15), proxy_logs(cluster)
+        assert "conntrack cleanup" in cluster.proxy_logs["node1"].read_text()
+    finally:
+        sock.close()
+        write_services(cluster, manifests, SERVICES)
 
 
 def test_routing_follows_the_address_plan(cluster: MultiNodeLab, family: int) -> None:
