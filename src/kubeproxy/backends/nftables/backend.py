@@ -106,7 +106,7 @@ class NftablesBackend:
         interface_addresses: Callable[[], Sequence[str]] | None = None,
     ) -> None:
         """``interface_addresses`` lists the node's local addresses (nodePortAddresses CIDRs); it is
-        called on full syncs only, and only when CIDRs are configured."""
+        called on every sync, and only when CIDRs (other than match-all ones) are configured."""
         self.nft = nft
         self.configured = opts
         self.opts = opts  # in force: NodeCIDR detection resolves against the Node (NftOptions.for_node)

@@ -60,7 +60,6 @@ BASE_CHAINS: dict[str, tuple[str, str, str]] = {
 }
 
 
-NODEPORT_KEYWORDS = ("primary", "localhost", "all")
 _LOOPBACK = {IPFamily.V4: "127.0.0.0/8", IPFamily.V6: "::1"}
 
 
@@ -112,6 +111,11 @@ class NftOptions:
         return f"{self.ip} saddr {cidrs}" if local else f"{self.ip} saddr != {cidrs}"
 
     @property
+    def nodeport_spec(self) -> tuple[str, ...]:
+        """--nodeport-addresses as given, or nftables mode's default ("primary")."""
+        return self.nodeport_addresses or ("primary",)
+
+    @property
     def nodeport_cidrs(self) -> tuple[str, ...]:
         """nodePortAddresses CIDRs of this family ("primary" is resolved per Node by nodeport_addresses)."""
         out: list[str] = []
@@ -127,11 +131,10 @@ class NftOptions:
     @property
     def nodeport_match_all(self) -> bool:
         """NodePorts on every local address (upstream: no CIDR of this family given, or a /0)."""
-        spec = self.nodeport_addresses or ("primary",)
         cidrs = self.nodeport_cidrs
         if any(ipaddress.ip_network(c).prefixlen == 0 for c in cidrs):
             return True
-        return not cidrs and "primary" not in spec
+        return not cidrs and "primary" not in self.nodeport_spec
 
 
 Element = tuple[str, str, str | None]  # (set or map name, key text, value text or None for sets)
@@ -269,7 +272,7 @@ def nodeport_addresses(
         return ()
     mine = [a for a in node_addresses if family_of(a) is opts.family]
     out: list[str] = []
-    if "primary" in (opts.nodeport_addresses or ("primary",)) and mine:
+    if "primary" in opts.nodeport_spec and mine:
         out.append(mine[0])
     nets = [ipaddress.ip_network(c) for c in opts.nodeport_cidrs]
     for candidate in (*interface_addresses, *mine):
