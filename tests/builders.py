@@ -83,3 +83,24 @@ def state_with(*objs: objects.KubeObject, node_name: str = NODE) -> ProxyState:
     st.services_synced = st.slices_synced = True
     st.commit()
     return st
+
+
+# A UDP ClusterIP Service and its slice as manifest text (a daemon's --manifests directory); ADDR is
+# the endpoint's address.
+UDP_SERVICE = """\
+apiVersion: v1
+kind: Service
+metadata: {name: dns, namespace: ns1}
+spec:
+  clusterIP: 10.96.0.53
+  ports: [{name: dns, port: 53, protocol: UDP}]
+"""
+
+UDP_SLICE = """\
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: dns-1, namespace: ns1, labels: {kubernetes.io/service-name: dns}}
+addressType: IPv4
+ports: [{name: dns, port: 8080, protocol: UDP}]
+endpoints: [{addresses: [ADDR], nodeName: node1}]
+"""

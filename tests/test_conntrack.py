@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from builders import endpoint_slice, node, service, state_with
+from builders import UDP_SERVICE, UDP_SLICE, endpoint_slice, node, service, state_with
 from kubeproxy import daemon
 from kubeproxy.backends.conntrack import ConntrackReconciler, UdpServiceIndex, stale_flows
 from kubeproxy.config import ConntrackConfig, ProxyConfig
@@ -351,25 +351,6 @@ def test_reconciler_counts_interface_addresses_as_local() -> None:
     assert ct.flows == [to_second_ip]
     ConntrackReconciler(ct, interface_addresses=lambda: ["127.0.0.1", "192.168.60.1"]).reconcile(st)
     assert ct.flows == []
-
-
-UDP_SERVICE = """\
-apiVersion: v1
-kind: Service
-metadata: {name: dns, namespace: ns1}
-spec:
-  clusterIP: 10.96.0.53
-  ports: [{name: dns, port: 53, protocol: UDP}]
-"""
-
-UDP_SLICE = """\
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {name: dns-1, namespace: ns1, labels: {kubernetes.io/service-name: dns}}
-addressType: IPv4
-ports: [{name: dns, port: 8080, protocol: UDP}]
-endpoints: [{addresses: [ADDR]}]
-"""
 
 
 def conntrack_sysctls(**over: str) -> FakeSysctl:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from builders import endpoint_slice, node, service, state_with
+from builders import UDP_SERVICE, UDP_SLICE, endpoint_slice, node, service, state_with
 from kubeproxy.backends.conntrack import ConntrackReconciler
 from kubeproxy.backends.nftables.backend import NftablesBackend
 from kubeproxy.backends.nftables.render import NftOptions
@@ -243,25 +243,6 @@ def test_conntrack_sysctls_are_applied_inside_the_node_namespace_only(lab: Lab) 
     assert {name: Path("/proc/sys", name).read_text() for name in host_before} == host_before
     # Applying again writes nothing: every value is already there.
     assert apply_conntrack_sysctls(ProcSysctl(netns=lab.node_ns), settings).written == {}
-
-
-UDP_SERVICE = """\
-apiVersion: v1
-kind: Service
-metadata: {name: dns, namespace: ns1}
-spec:
-  clusterIP: 10.96.0.53
-  ports: [{name: dns, port: 53, protocol: UDP}]
-"""
-
-UDP_SLICE = """\
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {name: dns-1, namespace: ns1, labels: {kubernetes.io/service-name: dns}}
-addressType: IPv4
-ports: [{name: dns, port: 8080, protocol: UDP}]
-endpoints: [{addresses: [ADDR], nodeName: node1}]
-"""
 
 
 def test_daemon_cleans_the_flow_of_a_replaced_endpoint(lab: Lab, tmp_path: Path) -> None:
