@@ -1,178 +1,493 @@
-"""Command line: upstream-compatible flags (Go style: ``--v=2``, ``--masquerade-all=false``) plus our
-subcommands. Parsing only; the work happens in daemon, lab and tools.
+"""Command line: upstream kube-proxy's flags (Go/pflag style: ``--v=2``, ``--masquerade-all=false``,
+``--feature-gates=A=true,B=false``) plus our subcommands. Parsing only; the work happens in daemon,
+lab and tools.
 
     kube-proxy [flags]          run the proxy: from the API server (``--kubeconfig``, ``--master``, else
                                 in-cluster config), or from ``--manifests DIR`` (our embedded source)
+    kube-proxy --config FILE    the same, configured by a KubeProxyConfiguration file
     kube-proxy --cleanup        remove every rule we installed and exit
+    kube-proxy --init-only      node setup that needs full root (conntrack sysctls), then exit
+    kube-proxy --write-config-to FILE   write the effective configuration and exit
     kube-proxy demo [--keep]    build the namespace lab and show real traffic (``make demo``)
     kube-proxy render --manifests DIR --hostname-override NODE
                                 print the nftables ruleset the proxy would program (dry run)
+
+Precedence is upstream's: without ``--config`` the flags build the configuration; with it, the file
+replaces the flags, except the logging flags (``-v``, ``--vmodule``, ``--logging-format``) and
+``--hostname-override``, which still win. Flags the file makes moot are named in one warning.
+Settings we accept but do not implement yet are reported once, by name (``configfile.unsupported``).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import logging
-import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, NoReturn
 
-from kubeproxy import __version__
-from kubeproxy.config import (
-    IMPLEMENTED_MODES,
-    ConfigError,
-    ConntrackConfig,
-    DetectLocalMode,
-    ProxyConfig,
-    ProxyMode,
-    check_local_detection,
-    kubeconfig_from_config_file,
-    parse_cluster_cidrs,
-    parse_nodeport_addresses,
-)
+from kubeproxy import __version__, configfile
+from kubeproxy.config import ConfigError, ProxyConfig
 from kubeproxy.observe import logging as klog
 
 log = logging.getLogger("kubeproxy.cli")
 
-# Upstream flags we accept but do not implement yet: reported once, never silently ignored.
-_UNSUPPORTED_FLAGS = (
-    "write-config-to", "feature-gates", "bind-address",
-    "healthz-bind-address", "metrics-bind-address", "oom-score-adj",
-    "config-sync-period", "kube-api-qps", "kube-api-burst", "kube-api-content-type",
-    "ipvs-sync-period", "ipvs-min-sync-period", "ipvs-scheduler",
-)  # fmt: skip
+KUBERNETES_VERSION = "v1.37.0"  # the upstream release whose flags, config and behaviour we follow
+
+DESCRIPTION = """\
+The Kubernetes network proxy runs on each node. This reflects services as defined in the
+Kubernetes API on each node and programs the kernel (nftables) to forward TCP, UDP and SCTP
+traffic for each Service's virtual IPs, NodePorts and load-balancer IPs to its endpoints.
+This is kube-proxy in Python: it takes upstream kube-proxy's flags and configuration file."""
+
+
+# -- value parsers (pflag types) ----------------------------------------------------------------------
 
 
 def gobool(value: str) -> bool:
-    v = value.strip().lower()
-    if v in ("1", "t", "true", "yes"):
+    """strconv.ParseBool."""
+    v = value.strip()
+    if v in ("1", "t", "T", "true", "TRUE", "True"):
         return True
-    if v in ("0", "f", "false", "no"):
+    if v in ("0", "f", "F", "false", "FALSE", "False"):
         return False
     raise argparse.ArgumentTypeError(f"invalid boolean {value!r}")
 
 
 def goduration(value: str) -> float:
     """Go durations: ``1s``, ``500ms``, ``1m30s``, ``1h``."""
-    units = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9}
-    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|us|µs|ns|h|m|s)", value)
-    if not parts or "".join(n + u for n, u in parts) != value.strip():
-        raise argparse.ArgumentTypeError(f"invalid duration {value!r} (examples: 1s, 500ms, 1m30s)")
-    return sum(float(n) * units[u] for n, u in parts)
+    try:
+        return configfile.parse_duration(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def goint(value: str) -> int:
+    try:
+        return int(value, 0)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"invalid integer {value!r}") from exc
+
+
+def gofloat(value: str) -> float:
+    try:
+        return float(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"invalid number {value!r}") from exc
+
+
+def gostrings(value: str) -> list[str]:
+    """pflag ``strings``: comma-separated."""
+    return [p.strip() for p in value.split(",") if p.strip()]
+
+
+def gomapbool(value: str) -> dict[str, bool]:
+    """``--feature-gates=A=true,B=false``."""
+    out: dict[str, bool] = {}
+    for part in filter(None, (p.strip() for p in value.split(","))):
+        key, sep, raw = part.partition("=")
+        if not sep or not key.strip():
+            raise argparse.ArgumentTypeError(f"missing bool value for {part!r} (expected Name=true|false)")
+        out[key.strip()] = gobool(raw)
+    return out
+
+
+def goip(value: str) -> str:
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"invalid IP address {value!r}") from exc
+
+
+def goipport(value: str) -> str:
+    if value == "":
+        return ""
+    try:
+        configfile.split_host_port(value, name="address")
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("address: ")) from exc
+    return value
+
+
+def govmodule(value: str) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    for part in filter(None, (p.strip() for p in value.split(","))):
+        pattern, sep, level = part.rpartition("=")
+        if not sep or not level.isdigit():
+            raise argparse.ArgumentTypeError(f"invalid vmodule entry {part!r} (expected pattern=N)")
+        out.append({"filePattern": pattern, "verbosity": int(level)})
+    return out
+
+
+# -- the flag table -----------------------------------------------------------------------------------
+
+# Where a flag's value goes in the KubeProxyConfiguration document: field paths (camelCase), or one of
+# the special destinations handled in load_config.
+Path_ = tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Flag:
+    name: str
+    type_name: str  # pflag's type word in --help ("" for booleans)
+    parse: Callable[[str], Any]
+    default: str  # as --help shows it ("" for none)
+    help: str
+    paths: tuple[Path_, ...] = ()  # document fields the value sets
+    shorthand: str = ""
+    logging: bool = False  # still wins over --config (upstream copyLogsFromFlags)
+    deprecated: str = ""
+
+    @property
+    def is_bool(self) -> bool:
+        return self.parse is gobool
+
+
+def _flags() -> tuple[Flag, ...]:
+    dur = goduration
+    ignored = " This parameter is ignored if a config file is specified by --config."
+    return (
+        Flag("bind-address", "ip", goip, "0.0.0.0", "Overrides kube-proxy's idea of what its node's primary IP is. "
+             "Note that the name is a historical artifact, and kube-proxy does not actually bind any sockets to "
+             "this IP." + ignored, (("bindAddress",),)),
+        Flag("bind-address-hard-fail", "", gobool, "", "If true kube-proxy will treat failure to bind to a port as "
+             "fatal and exit", (("bindAddressHardFail",),)),
+        Flag("cleanup", "", gobool, "", "If true cleanup iptables and ipvs rules and exit."),
+        Flag("cluster-cidr", "string", str, "", "The CIDR range of the pods in the cluster. (For dual-stack "
+             "clusters, this can be a comma-separated dual-stack pair of CIDR ranges.). When --detect-local-mode "
+             "is set to ClusterCIDR, kube-proxy will consider traffic to be local if its source IP is in this "
+             "range. (Otherwise it is not used.)" + ignored, (("clusterCIDR",),)),
+        Flag("config", "string", str, "", "The path to the configuration file."),
+        Flag("config-sync-period", "duration", dur, "15m0s", "How often configuration from the apiserver is "
+             "refreshed.  Must be greater than 0.", (("configSyncPeriod",),)),
+        Flag("conntrack-max-per-core", "int32", goint, "32768", "Maximum number of NAT connections to track per "
+             "CPU core (0 to leave the limit as-is and ignore conntrack-min).", (("conntrack", "maxPerCore"),)),
+        Flag("conntrack-min", "int32", goint, "131072", "Minimum number of conntrack entries to allocate, "
+             "regardless of conntrack-max-per-core (set conntrack-max-per-core=0 to leave the limit as-is).",
+             (("conntrack", "min"),)),
+        Flag("conntrack-tcp-be-liberal", "", gobool, "", "Enable liberal mode for tracking TCP packets by setting "
+             "nf_conntrack_tcp_be_liberal to 1", (("conntrack", "tcpBeLiberal"),)),
+        Flag("conntrack-tcp-timeout-close-wait", "duration", dur, "1h0m0s", "NAT timeout for TCP connections in "
+             "the CLOSE_WAIT state", (("conntrack", "tcpCloseWaitTimeout"),)),
+        Flag("conntrack-tcp-timeout-established", "duration", dur, "24h0m0s", "Idle timeout for established TCP "
+             "connections (0 to leave as-is)", (("conntrack", "tcpEstablishedTimeout"),)),
+        Flag("conntrack-udp-timeout", "duration", dur, "", "Idle timeout for UNREPLIED UDP connections (0 to "
+             "leave as-is)", (("conntrack", "udpTimeout"),)),
+        Flag("conntrack-udp-timeout-stream", "duration", dur, "", "Idle timeout for ASSURED UDP connections (0 to "
+             "leave as-is)", (("conntrack", "udpStreamTimeout"),)),
+        Flag("detect-local-mode", "LocalMode", str, "", "Mode to use to detect local traffic. This parameter is "
+             "ignored if a config file is specified by --config.", (("detectLocalMode",),)),
+        Flag("feature-gates", "mapStringBool", gomapbool, "", "A set of key=value pairs that describe feature "
+             "gates for alpha/experimental features." + ignored, (("featureGates",),)),
+        Flag("healthz-bind-address", "ipport", goipport, "0.0.0.0:10256", "The IP address with port for the "
+             "health check server to serve on (set to '0.0.0.0:10256' for all IPv4 interfaces and '[::]:10256' "
+             "for all IPv6 interfaces). Set empty to disable." + ignored, (("healthzBindAddress",),)),
+        Flag("healthz-port", "int32", goint, "10256", "The port to bind the health check server. Use 0 to "
+             "disable.", deprecated="This flag is deprecated and will be removed in a future release. Please use "
+             "--healthz-bind-address instead."),
+        Flag("hostname-override", "string", str, "", "If non-empty, will be used as the name of the Node that "
+             "kube-proxy is running on. If unset, the node name is assumed to be the same as the node's "
+             "hostname.", (("hostnameOverride",),)),
+        Flag("init-only", "", gobool, "", "If true, perform any initialization steps that must run with full root "
+             "privileges, and then exit. After doing this, you can run kube-proxy again with only the "
+             "CAP_NET_ADMIN capability."),
+        Flag("iptables-localhost-nodeports", "", gobool, "true", "If false, kube-proxy will disable the legacy "
+             "behavior of allowing NodePort services to be accessed via localhost. (Applies only to iptables "
+             "mode and IPv4; localhost NodePorts are never allowed with other proxy modes or with IPv6.)",
+             (("iptables", "localhostNodePorts"),)),
+        Flag("iptables-masquerade-bit", "int32", goint, "14", "If using the iptables or ipvs proxy mode, the bit "
+             "of the fwmark space to mark packets requiring SNAT with.  Must be within the range [0, 31].",
+             (("iptables", "masqueradeBit"), ("nftables", "masqueradeBit"))),
+        Flag("iptables-min-sync-period", "duration", dur, "1s", "The minimum period between iptables rule "
+             "resyncs (e.g. '5s', '1m', '2h22m'). A value of 0 means every Service or EndpointSlice change will "
+             "result in an immediate iptables resync.",
+             (("iptables", "minSyncPeriod"), ("nftables", "minSyncPeriod"))),
+        Flag("iptables-sync-period", "duration", dur, "30s", "An interval (e.g. '5s', '1m', '2h22m') indicating "
+             "how frequently various re-synchronizing and cleanup operations are performed. Must be greater "
+             "than 0.", (("iptables", "syncPeriod"), ("nftables", "syncPeriod"))),
+        Flag("ipvs-exclude-cidrs", "strings", gostrings, "", "A comma-separated list of CIDRs which the ipvs "
+             "proxier should not touch when cleaning up IPVS rules.", (("ipvs", "excludeCIDRs"),)),
+        Flag("ipvs-min-sync-period", "duration", dur, "", "The minimum period between IPVS rule resyncs (e.g. "
+             "'5s', '1m', '2h22m'). A value of 0 means every Service or EndpointSlice change will result in an "
+             "immediate IPVS resync.", (("ipvs", "minSyncPeriod"),)),
+        Flag("ipvs-scheduler", "string", str, "", "The ipvs scheduler type when proxy mode is ipvs",
+             (("ipvs", "scheduler"),)),
+        Flag("ipvs-strict-arp", "", gobool, "", "Enable strict ARP by setting arp_ignore to 1 and arp_announce to 2",
+             (("ipvs", "strictARP"),)),
+        Flag("ipvs-sync-period", "duration", dur, "30s", "An interval (e.g. '5s', '1m', '2h22m') indicating how "
+             "frequently various re-synchronizing and cleanup operations are performed. Must be greater than 0.",
+             (("ipvs", "syncPeriod"),)),
+        Flag("ipvs-tcp-timeout", "duration", dur, "", "The timeout for idle IPVS TCP connections, 0 to leave as "
+             "is. (e.g. '5s', '1m', '2h22m').", (("ipvs", "tcpTimeout"),)),
+        Flag("ipvs-tcpfin-timeout", "duration", dur, "", "The timeout for IPVS TCP connections after receiving a "
+             "FIN packet, 0 to leave as is. (e.g. '5s', '1m', '2h22m').", (("ipvs", "tcpFinTimeout"),)),
+        Flag("ipvs-udp-timeout", "duration", dur, "", "The timeout for IPVS UDP packets, 0 to leave as is. (e.g. "
+             "'5s', '1m', '2h22m').", (("ipvs", "udpTimeout"),)),
+        Flag("kube-api-burst", "int32", goint, "10", "Burst to use while talking with kubernetes apiserver",
+             (("clientConnection", "burst"),)),
+        Flag("kube-api-content-type", "string", str, "application/vnd.kubernetes.protobuf", "Content type of "
+             "requests sent to apiserver.", (("clientConnection", "contentType"),)),
+        Flag("kube-api-qps", "float32", gofloat, "5", "QPS to use while talking with kubernetes apiserver",
+             (("clientConnection", "qps"),)),
+        Flag("kubeconfig", "string", str, "", "Path to kubeconfig file with authorization information (the "
+             "master location can be overridden by the master flag).", (("clientConnection", "kubeconfig"),)),
+        Flag("log-flush-frequency", "duration", dur, "5s", "Maximum number of seconds between log flushes",
+             (("logging", "flushFrequency"),), logging=True),
+        Flag("logging-format", "string", str, "text", "Sets the log format. Permitted formats: \"text\".",
+             (("logging", "format"),), logging=True),
+        Flag("manifests", "string", str, "", "Directory of Service, EndpointSlice and Node manifests to serve "
+             "instead of an API server (kube-proxy in Python only; watched for changes)."),
+        Flag("masquerade-all", "", gobool, "", "SNAT all traffic sent via Service cluster IPs. This may be "
+             "required with some CNI plugins.", (("iptables", "masqueradeAll"), ("nftables", "masqueradeAll"))),
+        Flag("master", "string", str, "", "The address of the Kubernetes API server (overrides any value in "
+             "kubeconfig)"),
+        Flag("metrics-bind-address", "ipport", goipport, "127.0.0.1:10249", "The IP address with port for the "
+             "metrics server to serve on (set to '0.0.0.0:10249' for all IPv4 interfaces and '[::]:10249' for "
+             "all IPv6 interfaces). Set empty to disable." + ignored, (("metricsBindAddress",),)),
+        Flag("metrics-port", "int32", goint, "10249", "The port to bind the metrics server. Use 0 to disable.",
+             deprecated="This flag is deprecated and will be removed in a future release. Please use "
+             "--metrics-bind-address instead."),
+        Flag("nodeport-addresses", "strings", gostrings, "", "A list of CIDR ranges that contain valid node IPs, "
+             "or alternatively, the single string 'primary'. If set to a list of CIDRs, connections to NodePort "
+             "services will only be accepted on node IPs in one of the indicated ranges. If set to 'primary', "
+             "NodePort services will only be accepted on the node's primary IPv4 and/or IPv6 address according "
+             "to the Node object. If unset, NodePort connections will be accepted on all local IPs." + ignored,
+             (("nodePortAddresses",),)),
+        Flag("oom-score-adj", "int32", goint, "-999", "The oom-score-adj value for kube-proxy process. Values "
+             "must be within the range [-1000, 1000]." + ignored, (("oomScoreAdj",),)),
+        Flag("pod-bridge-interface", "string", str, "", "A bridge interface name. When --detect-local-mode is set "
+             "to BridgeInterface, kube-proxy will consider traffic to be local if it originates from this "
+             "bridge.", (("detectLocal", "bridgeInterface"),)),
+        Flag("pod-interface-name-prefix", "string", str, "", "An interface name prefix. When --detect-local-mode "
+             "is set to InterfaceNamePrefix, kube-proxy will consider traffic to be local if it originates from "
+             "any interface whose name begins with this prefix.", (("detectLocal", "interfaceNamePrefix"),)),
+        Flag("profiling", "", gobool, "", "If true enables profiling via web interface on /debug/pprof handler."
+             + ignored, (("enableProfiling",),)),
+        Flag("proxy-mode", "ProxyMode", str, "", "Which proxy mode to use: on Linux this can be 'iptables' "
+             "(default), 'ipvs', or 'nftables'. Only 'nftables' is implemented here so far, and it is the "
+             "default." + ignored, (("mode",),)),
+        Flag("show-hidden-metrics-for-version", "string", str, "", "The previous version for which you want to "
+             "show hidden metrics. Only the previous minor version is meaningful, other values will not be "
+             "allowed. The format is <major>.<minor>, e.g.: '1.16'." + ignored,
+             (("showHiddenMetricsForVersion",),)),
+        Flag("v", "Level", goint, "0", "number for the log level verbosity (2: syncs, 4: debug, 6: the applied "
+             "nftables transactions)", (("logging", "verbosity"),), shorthand="v", logging=True),
+        Flag("version", "version[=true]", str, "false", "--version, --version=raw prints version information and "
+             "quits; --version=vX.Y.Z... sets the reported version"),
+        Flag("vmodule", "pattern=N,...", govmodule, "", "comma-separated list of pattern=N settings for "
+             "file-filtered logging (only works for text log format)", (("logging", "vmodule"),), logging=True),
+    )  # fmt: skip
+
+
+FLAGS = _flags()
+_BY_NAME = {f.name: f for f in FLAGS}
+# Flags that still apply with --config: the logging flags, --hostname-override (upstream), and the
+# process-level ones that are not part of the document.
+_OUTSIDE_DOCUMENT = frozenset({"config", "cleanup", "init-only", "master", "manifests", "version", "write-config-to"})
+
+
+def usage() -> str:
+    """``--help`` in pflag's layout: description, usage, then every flag sorted, with its default."""
+    rows: list[tuple[str, str]] = []
+    for flag in sorted((*FLAGS, _WRITE_CONFIG_TO, _HELP), key=lambda f: f.name):
+        head = f"-{flag.shorthand}, --{flag.name}" if flag.shorthand else f"    --{flag.name}"
+        if flag.type_name:
+            head += f" {flag.type_name}"
+        text = flag.help
+        if flag.default and flag.default not in ("false", "0s") and flag.name != "version":
+            text += f" (default {flag.default})"
+        if flag.deprecated:
+            text += f" (DEPRECATED: {flag.deprecated})"
+        rows.append((head, text))
+    width = max(len(h) for h, _ in rows) + 3
+    lines = [DESCRIPTION, "", "Usage:", "  kube-proxy [flags]", "  kube-proxy demo [--keep]",
+             "  kube-proxy render --manifests DIR --hostname-override NODE", "", "Flags:"]  # fmt: skip
+    lines += [f"  {h.ljust(width)}{t}" for h, t in rows]
+    return "\n".join(lines) + "\n"
+
+
+_WRITE_CONFIG_TO = Flag("write-config-to", "string", str, "", "If set, write the default configuration values "
+                        "to this file and exit.")  # fmt: skip
+_HELP = Flag("help", "", gobool, "", "help for kube-proxy", shorthand="h")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise ConfigError(message)
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="kube-proxy",
-        allow_abbrev=False,
-        description="The Kubernetes network proxy runs on each node. It reflects Services as defined in the "
-        "Kubernetes API on each node and programs the kernel to forward traffic to their endpoints.",
-    )
-    p.add_argument("--proxy-mode", default="nftables", help="which proxy mode to use: 'nftables' (default here)")
-    p.add_argument("--manifests", type=Path, help="directory of Service/EndpointSlice/Node manifests (our source)")
-    p.add_argument("--kubeconfig", default="", help="path to a kubeconfig file with authorization and master location")
-    p.add_argument("--master", default="", help="address of the API server (overrides the kubeconfig's server)")
-    p.add_argument("--config", type=Path, help="KubeProxyConfiguration file (only clientConnection.kubeconfig so far)")
-    p.add_argument("--hostname-override", default="", help="use this name instead of the hostname as node name")
-    p.add_argument("--cluster-cidr", default="", help="pod CIDR(s); traffic from outside is masqueraded")
-    p.add_argument(
-        "--detect-local-mode",
-        default="ClusterCIDR",
-        help="how local (pod) traffic is detected: ClusterCIDR, NodeCIDR, BridgeInterface or InterfaceNamePrefix",
-    )
-    p.add_argument("--pod-bridge-interface", default="", help="bridge the pods hang off (BridgeInterface mode)")
-    p.add_argument("--pod-interface-name-prefix", default="", help="pod interface prefix (InterfaceNamePrefix mode)")
-    p.add_argument(
-        "--nodeport-addresses",
-        default="",
-        help="CIDRs and keywords (primary, localhost, all) of the node addresses that accept NodePorts "
-        "(default: primary)",
-    )
-    p.add_argument("--conntrack-max-per-core", type=int, default=32768, help="conntrack entries per CPU (0: leave)")
-    p.add_argument("--conntrack-min", type=int, default=131072, help="minimum nf_conntrack_max")
-    p.add_argument("--conntrack-tcp-timeout-established", type=goduration, default=86400.0, help="(24h0m0s)")
-    p.add_argument("--conntrack-tcp-timeout-close-wait", type=goduration, default=3600.0, help="(1h0m0s)")
-    p.add_argument("--conntrack-tcp-be-liberal", nargs="?", const=True, default=False, type=gobool)
-    p.add_argument("--conntrack-udp-timeout", type=goduration, default=0.0, help="UDP timeout (0: leave)")
-    p.add_argument("--conntrack-udp-timeout-stream", type=goduration, default=0.0, help="UDP stream timeout")
-    p.add_argument("--masquerade-all", nargs="?", const=True, default=False, type=gobool)
-    p.add_argument("--iptables-masquerade-bit", type=int, default=14, help="packet mark bit for SNAT (0-31)")
-    p.add_argument("--iptables-min-sync-period", type=goduration, default=1.0, help="minimum sync interval (1s)")
-    p.add_argument("--iptables-sync-period", type=goduration, default=30.0, help="retry interval after failure")
-    p.add_argument("--cleanup", nargs="?", const=True, default=False, type=gobool, help="remove rules and exit")
-    p.add_argument("-v", "--v", type=int, default=0, help="log verbosity (2: syncs, 4: debug, 6: transactions)")
-    p.add_argument("--version", action="version", version=f"kube-proxy (python) v{__version__}")
-    for flag in _UNSUPPORTED_FLAGS:
-        p.add_argument(f"--{flag}", dest=f"unsupported_{flag.replace('-', '_')}", help=argparse.SUPPRESS)
+    p = _Parser(prog="kube-proxy", allow_abbrev=False, add_help=False, argument_default=argparse.SUPPRESS)
+    for flag in (*FLAGS, _WRITE_CONFIG_TO):
+        names = [f"--{flag.name}"] + ([f"-{flag.shorthand}"] if flag.shorthand else [])
+        if flag.name == "version":
+            p.add_argument(*names, dest="version", nargs="?", const="true")
+        elif flag.is_bool:
+            # pflag booleans: --flag means true, --flag=false says so explicitly.
+            p.add_argument(*names, dest=flag.name, nargs="?", const=True, type=flag.parse)
+        else:
+            p.add_argument(*names, dest=flag.name, type=flag.parse)
+    p.add_argument("-h", "--help", dest="help", action="store_true")
     return p
 
 
-def config_from_args(argv: Sequence[str]) -> ProxyConfig:
-    args = _parser().parse_args(list(argv))
-    for flag in _UNSUPPORTED_FLAGS:
-        if getattr(args, f"unsupported_{flag.replace('-', '_')}") is not None:
-            log.warning("flag not supported yet, ignored flag=--%s", flag)
-    try:
-        mode = ProxyMode(args.proxy_mode or "nftables")
-    except ValueError as exc:
-        raise ConfigError(f"--proxy-mode: unknown mode {args.proxy_mode!r}") from exc
-    if mode not in IMPLEMENTED_MODES:
-        raise ConfigError(f"--proxy-mode={mode.value} is not implemented yet (implemented: nftables)")
-    if not 0 <= args.iptables_masquerade_bit <= 31:
-        raise ConfigError(f"--iptables-masquerade-bit: {args.iptables_masquerade_bit} not in 0-31")
-    try:
-        detect_local = DetectLocalMode(args.detect_local_mode or "ClusterCIDR")
-    except ValueError as exc:
-        modes = ", ".join(m.value for m in DetectLocalMode)
-        raise ConfigError(f"--detect-local-mode: unknown mode {args.detect_local_mode!r} (one of {modes})") from exc
-    cluster_cidrs = parse_cluster_cidrs(args.cluster_cidr)
-    check_local_detection(detect_local, bridge=args.pod_bridge_interface, prefix=args.pod_interface_name_prefix)
-    for flag in ("conntrack_max_per_core", "conntrack_min"):
-        if getattr(args, flag) < 0:
-            raise ConfigError(f"--{flag.replace('_', '-')}: {getattr(args, flag)} must not be negative")
-    conntrack = ConntrackConfig(
-        max_per_core=args.conntrack_max_per_core,
-        min=args.conntrack_min,
-        tcp_timeout_established=args.conntrack_tcp_timeout_established or None,
-        tcp_timeout_close_wait=args.conntrack_tcp_timeout_close_wait or None,
-        tcp_be_liberal=args.conntrack_tcp_be_liberal,
-        udp_timeout=args.conntrack_udp_timeout,
-        udp_timeout_stream=args.conntrack_udp_timeout_stream,
-    )
-    kubeconfig = args.kubeconfig
-    if args.config is not None:
-        log.warning("config file: only clientConnection.kubeconfig is applied so far path=%s", args.config)
-        kubeconfig = kubeconfig or kubeconfig_from_config_file(args.config)
-    return ProxyConfig(
-        mode=mode,
-        manifests=args.manifests,
-        kubeconfig=kubeconfig,
-        master=args.master,
-        hostname_override=args.hostname_override,
-        cluster_cidrs=cluster_cidrs,
-        detect_local_mode=detect_local,
-        pod_bridge_interface=args.pod_bridge_interface,
-        pod_interface_name_prefix=args.pod_interface_name_prefix,
-        nodeport_addresses=parse_nodeport_addresses(args.nodeport_addresses),
-        conntrack=conntrack,
-        masquerade_all=args.masquerade_all,
-        masquerade_bit=args.iptables_masquerade_bit,
-        min_sync_period=args.iptables_min_sync_period,
-        sync_period=args.iptables_sync_period,
-        verbosity=args.v,
-        cleanup=args.cleanup,
-    )
+@dataclass(frozen=True)
+class CommandLine:
+    """What the command line asked for: the flags given (name -> parsed value) and the actions."""
+
+    given: dict[str, Any]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.given
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return self.given.get(name, default)
 
 
-def _preparse_verbosity(argv: Sequence[str]) -> int:
-    for i, a in enumerate(argv):
-        for prefix in ("--v=", "-v="):
-            if a.startswith(prefix) and a[len(prefix) :].isdigit():
-                return int(a[len(prefix) :])
-        if a in ("-v", "--v") and i + 1 < len(argv) and argv[i + 1].isdigit():
-            return int(argv[i + 1])
+def parse_args(argv: Sequence[str]) -> CommandLine:
+    args = vars(_parser().parse_args(list(argv)))
+    return CommandLine({k: v for k, v in args.items() if not (k == "help" and v is False)})
+
+
+def _set(doc: dict[str, Any], path: Path_, value: Any) -> None:
+    node = doc
+    for key in path[:-1]:
+        node = node.setdefault(key, {})
+    node[path[-1]] = value
+
+
+def _document_value(flag: Flag, value: Any) -> Any:
+    if flag.parse is goduration:
+        return configfile.format_duration(value)
+    return value
+
+
+def document_from_flags(cmd: CommandLine, *, logging_only: bool = False) -> dict[str, Any]:
+    """The KubeProxyConfiguration document the given flags describe (only the fields they set)."""
+    doc: dict[str, Any] = {"apiVersion": configfile.API_VERSION, "kind": configfile.KIND}
+    for name, value in cmd.given.items():
+        flag = _BY_NAME.get(name)
+        if flag is None or (logging_only and not flag.logging):
+            continue
+        for path in flag.paths:
+            _set(doc, path, _document_value(flag, value))
+    return doc
+
+
+def _deprecated_port(address: str, port: int | None, default_host: str) -> str:
+    """upstream addressFromDeprecatedFlags: --healthz-port/--metrics-port replace the port; 0 disables."""
+    if port is None:
+        return address
+    if port == 0:
+        return ""
+    host = address.rpartition(":")[0] if address else default_host
+    return f"{host}:{port}"
+
+
+def load_config(argv: Sequence[str]) -> ProxyConfig:
+    """Flags (and ``--config``) to the validated ``ProxyConfig``; ConfigError names what is wrong."""
+    return _load(parse_args(argv)).config
+
+
+@dataclass(frozen=True)
+class Loaded:
+    config: ProxyConfig
+    given: configfile.KubeProxyConfiguration  # the document as given (unsupported settings are checked here)
+    effective: configfile.KubeProxyConfiguration  # defaults filled in (--write-config-to writes this)
+
+
+def _load(cmd: CommandLine) -> Loaded:
+    extra: dict[str, Any] = {
+        "manifests": Path(cmd.get("manifests")) if cmd.get("manifests") else None,
+        "master": cmd.get("master", ""),
+        "cleanup": bool(cmd.get("cleanup", False)),
+        "init_only": bool(cmd.get("init-only", False)),
+    }
+    config_file = cmd.get("config")
+    if config_file:
+        raw = configfile.load(Path(config_file))
+        # Logging flags and --hostname-override win over the file (upstream copyLogsFromFlags and
+        # processHostnameOverrideFlag); everything else in the document comes from the file.
+        overrides = document_from_flags(cmd, logging_only=True)
+        if "hostname-override" in cmd:
+            overrides["hostnameOverride"] = cmd.get("hostname-override")
+        raw = _merge(raw, overrides)
+        effective = raw.defaulted()
+        moot = sorted(n for n in cmd.given if n in _BY_NAME and n not in _OUTSIDE_DOCUMENT
+                      and n != "hostname-override" and not _BY_NAME[n].logging)  # fmt: skip
+        if moot:
+            log.warning(
+                "flags ignored because --config is set (the file wins) flags=%s", ",".join(f"--{n}" for n in moot)
+            )
+    else:
+        # Upstream applies the flags on top of the defaulted configuration, so a flag's zero value
+        # stays zero (``--iptables-min-sync-period=0s`` means "sync at once", and an empty
+        # ``--metrics-bind-address`` disables the server), unlike the same zero in a file.
+        raw = configfile.parse_document(document_from_flags(cmd), source="flags")
+        defaults = configfile.KubeProxyConfiguration().defaulted().document()
+        effective = _merge(configfile.parse_document(defaults), document_from_flags(cmd))
+        for flag, port_flag, default_host in (
+            ("healthz-bind-address", "healthz-port", "0.0.0.0"),
+            ("metrics-bind-address", "metrics-port", "127.0.0.1"),
+        ):
+            if port_flag in cmd:
+                key = "healthz_bind_address" if flag.startswith("healthz") else "metrics_bind_address"
+                address = getattr(effective, key)
+                port = _deprecated_port(address, cmd.get(port_flag), default_host)
+                effective = effective.model_copy(update={key: port})
+    try:
+        cfg = configfile.resolve(effective, **extra)
+    except ConfigError as exc:
+        raise ConfigError(_attribute(str(exc), config_file)) from exc
+    return Loaded(cfg, raw, effective)
+
+
+def _attribute(message: str, config_file: str | None) -> str:
+    """Say where a bad value came from: the file, or the flag that set the field."""
+    if config_file:
+        return f"--config {config_file}: {message}"
+    field_path = message.split(":", 1)[0]
+    for flag in FLAGS:
+        if any(".".join(p) == field_path for p in flag.paths):
+            return f"--{flag.name} ({message})"
+    return message
+
+
+def _merge(raw: configfile.KubeProxyConfiguration, overrides: dict[str, Any]) -> configfile.KubeProxyConfiguration:
+    doc = raw.model_dump(mode="json", by_alias=True, exclude_unset=True)
+
+    def deep(into: dict[str, Any], new: dict[str, Any]) -> None:
+        for k, v in new.items():
+            if isinstance(v, dict) and isinstance(into.get(k), dict):
+                deep(into[k], v)
+            else:
+                into[k] = v
+
+    deep(doc, overrides)
+    return configfile.parse_document(doc, source="--config with flags")
+
+
+def _report_unsupported(raw: configfile.KubeProxyConfiguration) -> None:
+    for setting in configfile.unsupported(raw):
+        log.warning("setting not supported yet, ignored setting=%s", setting)
+    if not raw.mode:
+        log.info("mode not set: using nftables (upstream's default is iptables, not implemented here yet)")
+
+
+def _version(value: str) -> int:
+    if value.lower() in ("false", "0", "f"):
+        return -1
+    if value == "raw":
+        sys.stdout.write(
+            f'version.Info{{Major:"1", Minor:"37", GitVersion:"{KUBERNETES_VERSION}", '
+            f'Implementation:"kube-proxy in Python {__version__}", Platform:"linux"}}\n'
+        )
+    else:
+        sys.stdout.write(f"Kubernetes {KUBERNETES_VERSION} (kube-proxy in Python {__version__})\n")
     return 0
 
 
@@ -192,9 +507,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     from kubeproxy.sources.manifests import ManifestError
 
     try:
-        cfg = config_from_args(argv)
+        cmd = parse_args(argv)
+        if cmd.get("help"):
+            sys.stdout.write(usage())
+            return 0
+        if "version" in cmd:
+            status = _version(cmd.get("version"))
+            if status >= 0:
+                return status
+        loaded = _load(cmd)
+        cfg = loaded.config
+        klog.setup(cfg.verbosity)
+        if cmd.get("write-config-to"):
+            target = Path(cmd.get("write-config-to"))
+            try:
+                target.write_text(configfile.dump(loaded.effective))
+            except OSError as exc:
+                raise ConfigError(f"--write-config-to {target}: {exc.strerror or exc}") from exc
+            log.info("wrote configuration path=%s", target)
+            return 0
+        _report_unsupported(loaded.given)
         if cfg.cleanup:
             return daemon.cleanup()
+        if cfg.init_only:
+            return daemon.init_only(cfg)
         return asyncio.run(daemon.run(cfg))
     except (ConfigError, ManifestError, ConnectionConfigError) as exc:
         log.error("invalid configuration: %s", exc)
@@ -204,6 +540,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 0
+
+
+def _preparse_verbosity(argv: Sequence[str]) -> int:
+    for i, a in enumerate(argv):
+        for prefix in ("--v=", "-v="):
+            if a.startswith(prefix) and a[len(prefix) :].isdigit():
+                return int(a[len(prefix) :])
+        if a in ("-v", "--v") and i + 1 < len(argv) and argv[i + 1].isdigit():
+            return int(argv[i + 1])
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Effective proxy configuration, as the daemon consumes it.
 
-This is the resolved, validated form that flags (and, in a later issue, the
-``KubeProxyConfiguration`` file) produce. Durations are seconds.
+This is the resolved, validated form that flags and the ``KubeProxyConfiguration`` file
+(``configfile.py``) produce. Durations are seconds.
 """
 
 from __future__ import annotations
@@ -10,8 +10,11 @@ import enum
 import ipaddress
 import re
 import socket
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
+from typing import Any
 
 
 class ConfigError(Exception):
@@ -75,6 +78,17 @@ class ProxyConfig:
     full_sync_period: float = 3600.0
     verbosity: int = 0
     cleanup: bool = False  # --cleanup: remove our rules and exit
+    init_only: bool = False  # --init-only: node setup that needs full root (sysctls), then exit
+    # IP:port of the /healthz + /livez and the /metrics servers; "" disables one. Flags and the config
+    # file default them to upstream's 0.0.0.0:10256 and 127.0.0.1:10249 (configfile.resolve); a
+    # ProxyConfig built in code (tests, the lab) serves neither unless asked.
+    healthz_bind_address: str = ""
+    metrics_bind_address: str = ""
+    bind_address_hard_fail: bool = False  # a server that cannot bind is fatal (else retried)
+    oom_score_adj: int | None = -999  # None: leave the process's value
+    feature_gates: Mapping[str, bool] = field(default_factory=lambda: MappingProxyType({}))
+    # The effective KubeProxyConfiguration document (defaults filled in), as /configz shows it.
+    configz: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}), compare=False)
 
     @property
     def node_name(self) -> str:
@@ -82,62 +96,32 @@ class ProxyConfig:
         return (self.hostname_override or socket.gethostname()).strip().lower()
 
 
-def kubeconfig_from_config_file(path: Path) -> str:
-    """``clientConnection.kubeconfig`` of a ``KubeProxyConfiguration`` file ("" when unset).
-
-    The full configuration file (every field, strict decoding) is issue 5; until then this is the
-    only field read from it, and the daemon says so.
-    """
-    import yaml
-
-    try:
-        doc = yaml.safe_load(path.read_text())
-    except OSError as exc:
-        raise ConfigError(f"--config {path}: cannot read: {exc.strerror or exc}") from exc
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"--config {path}: not valid YAML: {exc}") from exc
-    if not isinstance(doc, dict) or doc.get("kind") != "KubeProxyConfiguration":
-        raise ConfigError(f"--config {path}: not a KubeProxyConfiguration")
-    if doc.get("apiVersion") != "kubeproxy.config.k8s.io/v1alpha1":
-        raise ConfigError(
-            f"--config {path}: apiVersion {doc.get('apiVersion')!r} is not kubeproxy.config.k8s.io/v1alpha1"
-        )
-    conn = doc.get("clientConnection") or {}
-    if not isinstance(conn, dict):
-        raise ConfigError(f"--config {path}: clientConnection must be a mapping")
-    value = conn.get("kubeconfig") or ""
-    if not isinstance(value, str):
-        raise ConfigError(f"--config {path}: clientConnection.kubeconfig must be a string")
-    return value
-
-
-def parse_cluster_cidrs(value: str) -> tuple[str, ...]:
+def parse_cluster_cidrs(value: str, *, name: str = "--cluster-cidr") -> tuple[str, ...]:
     """``--cluster-cidr``: one CIDR, or a comma-separated dual-stack pair."""
     out: list[str] = []
     for part in filter(None, (p.strip() for p in value.split(","))):
         try:
             out.append(str(ipaddress.ip_network(part, strict=False)))
         except ValueError as exc:
-            raise ConfigError(f"--cluster-cidr: invalid CIDR {part!r}") from exc
+            raise ConfigError(f"{name}: invalid CIDR {part!r}") from exc
     families = [ipaddress.ip_network(c).version for c in out]
     if len(families) != len(set(families)):
-        raise ConfigError(f"--cluster-cidr: at most one CIDR per IP family, got {value!r}")
+        raise ConfigError(f"{name}: at most one CIDR per IP family, got {value!r}")
     return tuple(out)
 
 
-def parse_nodeport_addresses(value: str) -> tuple[str, ...]:
+def parse_nodeport_addresses(value: str | list[str], *, name: str = "--nodeport-addresses") -> tuple[str, ...]:
     """``--nodeport-addresses``: comma-separated CIDRs and the keywords primary, localhost, all."""
     out: list[str] = []
-    for part in filter(None, (p.strip() for p in value.split(","))):
+    parts = value.split(",") if isinstance(value, str) else value
+    for part in filter(None, (p.strip() for p in parts)):
         if part in NODEPORT_KEYWORDS:
             out.append(part)
             continue
         try:
             out.append(str(ipaddress.ip_network(part, strict=False)))
         except ValueError as exc:
-            raise ConfigError(
-                f"--nodeport-addresses: {part!r} is neither a CIDR nor one of {', '.join(NODEPORT_KEYWORDS)}"
-            ) from exc
+            raise ConfigError(f"{name}: {part!r} is neither a CIDR nor one of {', '.join(NODEPORT_KEYWORDS)}") from exc
     return tuple(dict.fromkeys(out))
 
 
@@ -151,8 +135,12 @@ def check_local_detection(mode: DetectLocalMode, *, bridge: str, prefix: str) ->
     inside rules, and nothing a flag says may change a rule's meaning.
     """
     if mode is DetectLocalMode.BRIDGE_INTERFACE and not _INTERFACE_NAME.match(bridge):
-        raise ConfigError(f"--pod-bridge-interface: {bridge!r} is not a valid interface name (BridgeInterface mode)")
+        raise ConfigError(
+            f"--pod-bridge-interface (detectLocal.bridgeInterface): {bridge!r} is not a valid interface name "
+            "(BridgeInterface mode)"
+        )
     if mode is DetectLocalMode.INTERFACE_NAME_PREFIX and not _INTERFACE_NAME.match(prefix):
         raise ConfigError(
-            f"--pod-interface-name-prefix: {prefix!r} is not a valid interface name prefix (InterfaceNamePrefix mode)"
+            f"--pod-interface-name-prefix (detectLocal.interfaceNamePrefix): {prefix!r} is not a valid interface "
+            "name prefix (InterfaceNamePrefix mode)"
         )

@@ -284,3 +284,17 @@ def cleanup(nft: Nft | None = None) -> int:
             log.error("cleanup failed family=%s error=%r", family.nft_family, str(exc))
             status = 1
     return status
+
+
+def init_only(cfg: ProxyConfig, sysctl: Sysctl | None = None) -> int:
+    """``--init-only``: the setup that needs full root privileges (conntrack sysctls), then exit.
+
+    Upstream runs this in a privileged init container so that the long-running kube-proxy needs
+    only CAP_NET_ADMIN. nftables mode needs no other root-only step (no route_localnet).
+    """
+    report = apply_conntrack_sysctls(sysctl or ProcSysctl(), cfg.conntrack)
+    if report.failed:
+        log.error("init failed: some sysctls could not be set names=%s", ",".join(sorted(report.failed)))
+        return 1
+    log.info("init done written=%d unchanged=%d", len(report.written), len(report.unchanged))
+    return 0
