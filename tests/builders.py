@@ -39,12 +39,19 @@ def endpoint_slice(
     conditions: dict[str, bool] | None = None,
     address_type: str = "IPv4",
     endpoints: list[dict[str, Any]] | None = None,
+    trigger_time: str | None = None,
 ) -> objects.EndpointSlice:
     """One endpoint per address (ready, on ``node``); ``endpoints`` gives full endpoint dicts instead."""
+    annotations = {objects.TRIGGER_TIME_ANNOTATION: trigger_time} if trigger_time else {}
     obj = objects.from_builtins(
         "EndpointSlice",
         {
-            "metadata": {"name": name, "namespace": namespace, "labels": {"kubernetes.io/service-name": service_name}},
+            "metadata": {
+                "name": name,
+                "namespace": namespace,
+                "labels": {"kubernetes.io/service-name": service_name},
+                "annotations": annotations,
+            },
             "addressType": address_type,
             "endpoints": endpoints
             or [{"addresses": [a], "nodeName": node, "conditions": conditions or {"ready": True}} for a in addresses],
@@ -56,13 +63,22 @@ def endpoint_slice(
 
 
 def node(
-    name: str = NODE, ip: str = NODE_IP, *, labels: dict[str, str] | None = None, pod_cidrs: list[str] | None = None
+    name: str = NODE,
+    ip: str = NODE_IP,
+    *,
+    labels: dict[str, str] | None = None,
+    pod_cidrs: list[str] | None = None,
+    taints: list[dict[str, str]] | None = None,
+    deleting: bool = False,
 ) -> objects.Node:
+    meta: dict[str, Any] = {"name": name, "labels": labels or {}}
+    if deleting:
+        meta["deletionTimestamp"] = "2026-11-21T08:00:00Z"
     obj = objects.from_builtins(
         "Node",
         {
-            "metadata": {"name": name, "labels": labels or {}},
-            "spec": {"podCIDRs": pod_cidrs or []},
+            "metadata": meta,
+            "spec": {"podCIDRs": pod_cidrs or [], "taints": taints or []},
             "status": {"addresses": [{"type": "InternalIP", "address": ip}]},
         },
     )

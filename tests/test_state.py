@@ -9,7 +9,7 @@ import pytest
 from builders import endpoint_slice, node, service, state_with
 from kubeproxy.model import objects
 from kubeproxy.model.endpoint import Endpoint
-from kubeproxy.model.service import NamespacedName, Protocol, ServicePort, ServicePortName, service_ports
+from kubeproxy.model.service import IPFamily, NamespacedName, Protocol, ServicePort, ServicePortName, service_ports
 from kubeproxy.state.snapshot import ProxyState
 from kubeproxy.state.topology import NodeTopology, categorize
 from kubeproxy.state.trackers import PendingChanges
@@ -139,6 +139,53 @@ def test_node_change_is_reported() -> None:
     assert st.node.addresses == ("192.168.50.1",)
     st.on_node(node(ip="192.168.50.9"))
     assert st.commit().node_changed
+
+
+def test_node_eligibility_for_healthz_follows_deletion_and_the_autoscaler_taint() -> None:
+    st = ProxyState(node_name="node1")
+    assert not st.node_eligible  # no Node object yet
+    st.on_node(node())
+    assert st.node_eligible
+    st.on_node(node(taints=[{"key": "ToBeDeletedByClusterAutoscaler", "value": "1", "effect": "NoSchedule"}]))
+    assert not st.node_eligible
+    st.on_node(node(taints=[{"key": "node.kubernetes.io/unschedulable", "effect": "NoSchedule"}]))
+    assert st.node_eligible
+    st.on_node(node(deleting=True))
+    assert not st.node_eligible
+    st.on_node(None)
+    assert not st.node_eligible
+    st.on_node(node())
+    st.commit()
+    # A taint alone changes nothing that is programmed: no sync needed.
+    assert not st.on_node(node(taints=[{"key": "ToBeDeletedByClusterAutoscaler", "effect": "NoSchedule"}]))
+
+
+def test_trigger_times_are_those_of_the_slice_updates_since_the_last_commit() -> None:
+    st = state_with(service("svc1", "10.96.0.1"))
+    st.on_endpoint_slice(("ns1", "a"), endpoint_slice("a", "svc1", ["10.244.1.2"], trigger_time="2026-11-21T08:00:00Z"))
+    six = endpoint_slice("b6", "svc1", ["fd00:10:244::1:2"], address_type="IPv6", trigger_time="2026-11-21T08:00:01Z")
+    st.on_endpoint_slice(("ns1", "b6"), six)
+    assert set(st.commit().trigger_times) == {
+        (IPFamily.V4, "2026-11-21T08:00:00Z"),
+        (IPFamily.V6, "2026-11-21T08:00:01Z"),
+    }
+    # Slice "a" changes again: only its new time counts, not b6's old one.
+    st.on_endpoint_slice(("ns1", "a"), endpoint_slice("a", "svc1", ["10.244.1.3"], trigger_time="2026-11-21T09:00:00Z"))
+    assert st.commit().trigger_times == ((IPFamily.V4, "2026-11-21T09:00:00Z"),)
+    # A deletion's annotation is not a trigger.
+    st.on_endpoint_slice(("ns1", "a"), None)
+    assert st.commit().trigger_times == ()
+    assert (st.service_changes_total, st.endpoint_changes_total) == (1, 4)
+
+
+def test_pending_change_counts() -> None:
+    st = ProxyState(node_name="node1")
+    st.on_service(NamespacedName("ns1", "svc1"), service("svc1", "10.96.0.1"))
+    st.on_service(NamespacedName("ns1", "svc2"), service("svc2", "10.96.0.2"))
+    st.on_endpoint_slice(("ns1", "a"), endpoint_slice("a", "svc1", ["10.244.1.2"]))
+    assert st.pending_changes() == (2, 1)
+    st.commit()
+    assert st.pending_changes() == (0, 0)
 
 
 def _port(**kw: object) -> ServicePort:

@@ -42,9 +42,6 @@ class EndpointSliceCache:
             affected.add(content.service)
         return affected
 
-    def trigger_times(self, service: NamespacedName) -> list[str]:
-        return [s.trigger_time for s in self._slices.get(service, {}).values() if s.trigger_time]
-
     def endpoints(self, service: NamespacedName) -> dict[PortKey, tuple[Endpoint, ...]]:
         merged: dict[PortKey, dict[tuple[str, int], Endpoint]] = {}
         for slice_name in sorted(self._slices.get(service, {})):

@@ -20,6 +20,7 @@ from kubeproxy.model import objects
 from kubeproxy.model.endpoint import Endpoint, PortKey, slice_content
 from kubeproxy.model.service import (
     InvalidObject,
+    IPFamily,
     NamespacedName,
     Protocol,
     ServicePort,
@@ -58,7 +59,19 @@ class UpdateResult:
     changed: frozenset[NamespacedName]
     node_changed: bool = False
     udp_changed: bool = False  # a changed Service had a UDP port before or after (conntrack cleanup)
-    trigger_times: tuple[str, ...] = ()
+    # (family, endpoints.kubernetes.io/last-change-trigger-time) of the EndpointSlice updates this
+    # sync programs: the start of upstream's network_programming_duration_seconds.
+    trigger_times: tuple[tuple[IPFamily, str], ...] = ()
+
+
+TO_BE_DELETED_TAINT = "ToBeDeletedByClusterAutoscaler"
+
+
+def node_eligible(node: objects.Node) -> bool:
+    """Upstream's /healthz node check (KEP-3836): not being deleted, not marked for scale-down."""
+    if node.metadata.deletionTimestamp:
+        return False
+    return not any(t.key == TO_BE_DELETED_TAINT for t in node.spec.taints or ())
 
 
 def _has_udp(ports: ServicePorts | None) -> bool:
@@ -81,6 +94,15 @@ class ProxyState:
         self._slices = EndpointSliceCache()
         self._pending_node: NodeInfo | None = None
         self.rejected: dict[str, str] = {}  # "Kind ns/name" -> reason, for explain/metrics
+        # Upstream's EndpointsChangeTracker.lastChangeTriggerTimes: per Service, the trigger times of
+        # the slice updates (not deletions) since the last commit.
+        self._triggers: dict[NamespacedName, list[tuple[IPFamily, str]]] = {}
+        # /healthz "nodeEligible": our Node exists, is not being deleted and is not tainted
+        # ToBeDeletedByClusterAutoscaler. Not part of NodeInfo: it must not cause a resync.
+        self.node_eligible = False
+        # Cumulative counts of Service / EndpointSlice events (upstream *_changes_total).
+        self.service_changes_total = 0
+        self.endpoint_changes_total = 0
 
     # -- input -------------------------------------------------------------------------------
     @property
@@ -89,6 +111,10 @@ class ProxyState:
 
     def pending(self) -> int:
         return len(self._service_changes) + len(self._endpoint_changes) + (self._pending_node is not None)
+
+    def pending_changes(self) -> tuple[int, int]:
+        """(Services, Services whose endpoints changed) waiting for the next sync."""
+        return len(self._service_changes), len(self._endpoint_changes)
 
     def _reject(self, kind: str, meta: objects.ObjectMeta, reason: str) -> None:
         ident = f"{kind} {meta.namespace}/{meta.name}"
@@ -109,11 +135,13 @@ class ProxyState:
                 self._reject("Service", svc.metadata, str(exc))
         else:
             self.rejected.pop(f"Service {key}", None)
+        self.service_changes_total += 1
         return self._service_changes.set(key, ports)
 
     def on_endpoint_slice(self, key: tuple[str, str], es: objects.EndpointSlice | None) -> bool:
         """An EndpointSlice (namespace, name) is now ``es`` (None: deleted)."""
         content = None
+        self.endpoint_changes_total += 1
         ident = f"EndpointSlice {key[0]}/{key[1]}"
         if es is not None:
             try:
@@ -126,9 +154,16 @@ class ProxyState:
         pending = False
         for service in self._slices.update(key, content):
             pending = self._endpoint_changes.set(service, self._slices.endpoints(service) or None)
+            if es is None:
+                # A deletion's annotation dates from its last update: not what the metric measures.
+                self._triggers.pop(service, None)
+            elif content is not None and content.trigger_time:
+                family = IPFamily.V6 if es.addressType == "IPv6" else IPFamily.V4
+                self._triggers.setdefault(service, []).append((family, content.trigger_time))
         return pending or bool(self._endpoint_changes)
 
     def on_node(self, node: objects.Node | None) -> bool:
+        self.node_eligible = node is not None and node_eligible(node)
         info = NodeInfo(name=self.node_name) if node is None else self._node_info(node)
         if info == (self._pending_node or self.node):
             return self.pending() > 0
@@ -175,15 +210,16 @@ class ProxyState:
                 self.services.pop(key, None)
             else:
                 self.services[key] = after
-        triggers: list[str] = []
+        triggers: list[tuple[IPFamily, str]] = []
         for key, (_old_eps, new_eps) in self._endpoint_changes.drain().items():
             changed.add(key)
             udp = udp or _has_udp(self.services.get(key))
-            triggers.extend(self._slices.trigger_times(key))
+            triggers.extend(self._triggers.get(key, ()))
             if new_eps is None:
                 self.endpoints.pop(key, None)
             else:
                 self.endpoints[key] = new_eps
+        self._triggers.clear()
         node_changed = self._pending_node is not None
         if self._pending_node is not None:
             self.node, self._pending_node = self._pending_node, None
