@@ -225,3 +225,24 @@ def test_categorize_topology_hints() -> None:
     assert categorize([in_zone, other], _port(), me).cluster == (in_zone,)
     unhinted = Endpoint("10.244.3.2", 80)
     assert categorize([in_zone, other, unhinted], _port(), me).cluster == (in_zone, other, unhinted)
+
+
+def test_no_local_endpoints_counts_local_policies_that_drop_on_this_node() -> None:
+    itp = service("itp", "10.96.0.1", internalTrafficPolicy="Local")
+    etp = service(
+        "etp", "10.96.0.2", type="NodePort", externalTrafficPolicy="Local",
+        ports=[{"name": "p80", "port": 80, "nodePort": 30080}],
+    )  # fmt: skip
+    both_empty = service("empty", "10.96.0.3", internalTrafficPolicy="Local")  # no endpoints at all: REJECT, not DROP
+    served = service("served", "10.96.0.4", internalTrafficPolicy="Local")
+    st = state_with(
+        itp, etp, both_empty, served,
+        endpoint_slice("itp-1", "itp", ["10.244.2.2"], node="node2"),
+        endpoint_slice("etp-1", "etp", ["10.244.2.3"], node="node2"),
+        endpoint_slice("served-1", "served", ["10.244.1.4"], node="node1"),
+    )  # fmt: skip
+    assert st.no_local_endpoints(IPFamily.V4) == (1, 1)
+    assert st.no_local_endpoints(IPFamily.V6) == (0, 0)  # single-stack IPv4 Services
+    st.on_endpoint_slice(("ns1", "etp-1"), endpoint_slice("etp-1", "etp", ["10.244.1.3"], node="node1"))
+    st.commit()
+    assert st.no_local_endpoints(IPFamily.V4) == (1, 0)

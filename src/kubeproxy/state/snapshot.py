@@ -25,12 +25,13 @@ from kubeproxy.model.service import (
     Protocol,
     ServicePort,
     ServicePortName,
+    family_of,
     parse_cidr,
     parse_ip,
     service_ports,
 )
 from kubeproxy.state.slices import EndpointSliceCache
-from kubeproxy.state.topology import NodeTopology
+from kubeproxy.state.topology import NodeTopology, categorize
 from kubeproxy.state.trackers import PendingChanges
 
 log = logging.getLogger("kubeproxy.state")
@@ -228,6 +229,28 @@ class ProxyState:
         )
 
     # -- read-only helpers for renderers ----------------------------------------------------
+    def no_local_endpoints(self, family: IPFamily) -> tuple[int, int]:
+        """Service ports of ``family`` whose Local policy drops traffic: (internal, external).
+
+        Upstream's ``sync_proxy_rules_no_local_endpoints_total``: the Service has usable endpoints
+        somewhere, but none on this node for its Local internal (ITP) or external (ETP) policy.
+        """
+        internal = external = 0
+        node = self.node.topology
+        for ports in self.services.values():
+            for svc in ports.values():
+                if not (svc.internal_policy_local or (svc.external_policy_local and svc.externally_accessible)):
+                    continue
+                if svc.cluster_ip(family) is None:
+                    continue
+                eps = tuple(ep for ep in self.service_endpoints(svc) if family_of(ep.ip) is family)
+                cat = categorize(eps, svc, node)
+                if not cat.has_any or cat.local:
+                    continue
+                internal += svc.internal_policy_local
+                external += svc.external_policy_local and svc.externally_accessible
+        return internal, external
+
     def service_endpoints(self, svc: ServicePort) -> tuple[Endpoint, ...]:
         per_port = self.endpoints.get(svc.name.service, {})
         return per_port.get((svc.name.port, svc.name.protocol), ())
