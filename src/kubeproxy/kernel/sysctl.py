@@ -242,3 +242,17 @@ def _usable_cpus() -> int:
         return len(os.sched_getaffinity(0)) or 1
     except (AttributeError, OSError):
         return os.cpu_count() or 1
+
+
+OOM_SCORE_ADJ = Path("/proc/self/oom_score_adj")
+
+
+def apply_oom_score_adj(value: int, path: Path = OOM_SCORE_ADJ) -> None:
+    """Upstream's ``--oom-score-adj`` (default -999): keep the proxy alive under memory pressure.
+
+    Lowering the value needs CAP_SYS_RESOURCE; SysctlError says why it failed (callers warn).
+    """
+    try:
+        path.write_text(f"{value}\n")
+    except OSError as exc:
+        raise SysctlError(f"cannot write {value} to {path}: {exc.strerror}", errno_=exc.errno) from exc
