@@ -301,3 +301,27 @@ def test_session_affinity_sticks_and_can_be_switched_off_and_on(lab: Lab, family
         assert len(set(spread(client, cip, 80, PROBES))) == 1
     finally:
         backend.cleanup()
+
+
+def test_a_table_another_kube_proxy_wrote_is_taken_over_on_the_first_sync(lab: Lab) -> None:
+    # Swapping the image of a DaemonSet that ran upstream's nftables mode (or an older layout) leaves
+    # a table of our name with a base chain at another priority and a set of another type: the kernel
+    # refuses to change those in place, so the first full sync replaces the table once.
+    foreign = (
+        'add table ip kube-proxy { comment "rules for kube-proxy" ; }\n'
+        "add chain ip kube-proxy filter-input { type filter hook input priority -110 ; }\n"
+        "add rule ip kube-proxy filter-input ct state new counter\n"
+        "add set ip kube-proxy cluster-ips { type inet_service ; }\n"
+        "add chain ip kube-proxy some-old-chain\n"
+    )
+    nft = NftCli(netns=lab.node_ns)
+    nft.run(foreign)
+    backend = NftablesBackend(nft, OPTS)
+    try:
+        backend.sync(state_with(*basic_objects()), set(), full=True)
+        listing = run(["nft", "list", "chain", "ip", "kube-proxy", "filter-input"], netns=lab.node_ns).stdout
+        assert "priority filter" in listing and "-110" not in listing
+        assert "some-old-chain" not in run(["nft", "list", "table", "ip", "kube-proxy"], netns=lab.node_ns).stdout
+        assert set(spread(lab.pods["client"].netns, "10.96.0.10", 80, PROBES)) == {"a", "b"}
+    finally:
+        backend.cleanup()

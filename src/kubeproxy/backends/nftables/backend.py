@@ -122,6 +122,8 @@ class NftablesBackend:
         self._stale: dict[str, float] = {}  # flushed service chain -> monotonic time flushed
         self._kernel_sets: dict[str, str] = {}  # per-Service (affinity) sets in the kernel -> declaration
         self._synced_once = False
+        # Has this process ever programmed (or taken over) our table? See the first-sync fallback in sync().
+        self._adopted = False
 
     # -- helpers -----------------------------------------------------------------------------
     def _skeleton(self) -> list[str]:
@@ -200,6 +202,7 @@ class NftablesBackend:
         # small overlays (per element key, per Service) over our records and merged into them only
         # after the kernel accepted the transaction. A full sync starts from an empty record and
         # from what the kernel really holds.
+        doc: dict[str, Any] | None = None
         if full:
             doc = self.nft.list_table(self.family, TABLE)
             kernel_chains, kernel_elements = parse_table(doc)
@@ -325,10 +328,12 @@ class NftablesBackend:
                 log.log(logging.DEBUG - 5, "transaction:\n%s", script)
             try:
                 self.nft.run(script)  # raises NftError; nothing below runs then
-            except NftError:
+            except NftError as exc:
                 # Our records stay as they were, but the options in force may already be new: make
                 # sure the retry is a full sync whoever calls us next.
                 self._synced_once = False
+                if full and not self._adopted and doc is not None:
+                    return self._take_over(state, changed, exc)
                 raise
 
         # Commit bookkeeping only now that the kernel holds it.
@@ -354,8 +359,25 @@ class NftablesBackend:
         self._static_elements = static
         self._stale = stale
         self._synced_once = True
+        self._adopted = True
         followup = STALE_CHAIN_DELAY if stale else None
         return SyncOutcome(full=full, commands=len(lines), services_rendered=len(targets), followup_after=followup)
+
+    def _take_over(self, state: ProxyState, changed: Collection[NamespacedName], error: NftError) -> SyncOutcome:
+        """The first full sync of this process was refused by a table of our name that we cannot
+        update in place: one written by another kube-proxy (upstream's nftables mode, or another
+        version of ours) with base chains at other hooks or priorities, or sets of other types (the
+        kernel refuses to change those). Replace it once: delete it, then program ours from scratch.
+        Traffic to Services pauses between the two transactions (once, at the switch-over)."""
+        log.warning(
+            "existing nftables table is not ours to update in place (another kube-proxy's?); re-creating it "
+            "family=%s error=%r",
+            self.family,
+            str(error).splitlines()[0] if str(error) else "",
+        )
+        self._adopted = True
+        self.nft.delete_table(self.family, TABLE)
+        return self.sync(state, changed, full=True)
 
     def _affinity_sets_of(self, doc: dict[str, Any] | None) -> dict[str, str]:
         """Affinity sets in an ``nft -j list table`` document, with the declaration we would write."""
