@@ -24,7 +24,6 @@ from kubeproxy.config import ProxyConfig
 from kubeproxy.kernel.nft import FakeNft
 from kubeproxy.model import objects
 from kubeproxy.model.service import NamespacedName
-from kubeproxy.runner import SyncRunner
 from kubeproxy.servers.healthcheck import ServiceHealthServer, service_health
 from kubeproxy.state.snapshot import ProxyState
 from waiting import eventually, wait_until
@@ -425,47 +424,6 @@ def test_answers_while_the_callers_event_loop_is_blocked(healthy: Health) -> Non
 
 
 # --- the runner's health rule (upstream healthz: pending longer than 2 x syncPeriod) -------------------
-
-
-def test_runner_health_tracks_the_oldest_unserved_request() -> None:
-    async def scenario() -> None:
-        results: list[str] = []
-        fail = asyncio.Event()
-        gate = asyncio.Event()
-
-        async def fn() -> float | None:
-            await gate.wait()
-            gate.clear()
-            results.append("run")
-            if fail.is_set():
-                raise RuntimeError("simulated")
-            return None
-
-        runner = SyncRunner(fn, min_interval=0.0, retry_interval=3600)
-        assert runner.pending_since is None and runner.healthy(60)
-        stop = asyncio.Event()
-        task = asyncio.create_task(runner.run(stop))
-        fail.set()
-        runner.request()
-        first = runner.pending_since
-        assert first is not None
-        runner.request()  # a later request does not move the oldest one
-        assert runner.pending_since == first
-        assert runner.healthy(60, now=first + 60) and not runner.healthy(60, now=first + 61)
-        gate.set()
-        await eventually(lambda: runner.failures == 1)
-        assert runner.pending_since == first  # a failed sync served nothing
-        fail.clear()
-        runner.request()
-        gate.set()
-        await eventually(lambda: len(results) == 2)
-        await eventually(lambda: runner.pending_since is None)
-        assert runner.healthy(60, now=first + 1e6)
-        stop.set()
-        gate.set()
-        await task
-
-    asyncio.run(scenario())
 
 
 # --- the daemon wiring --------------------------------------------------------------------------------

@@ -503,6 +503,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return render_main(argv[1:])
     from kubeproxy import daemon
+    from kubeproxy.servers.threaded import ServerBindError
     from kubeproxy.sources.errors import AccessDenied, ConnectionConfigError
     from kubeproxy.sources.manifests import ManifestError
 
@@ -537,6 +538,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except AccessDenied as exc:
         log.error("cannot start: %s", exc.explain())
+        return 1
+    except ServerBindError as exc:
+        log.error("cannot start: %s (bindAddressHardFail is set)", exc)
         return 1
     except KeyboardInterrupt:
         return 0

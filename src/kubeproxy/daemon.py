@@ -19,7 +19,7 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any
 
-from kubeproxy.backends.conntrack import ConntrackReconciler
+from kubeproxy.backends.conntrack import CleanupResult, ConntrackReconciler
 from kubeproxy.backends.nftables.backend import NftablesBackend
 from kubeproxy.backends.nftables.render import TABLE, NftOptions
 from kubeproxy.config import ConfigError, DetectLocalMode, ProxyConfig, ProxyMode
@@ -28,11 +28,15 @@ from kubeproxy.kernel.conntrack import Conntrack, ConntrackCli
 from kubeproxy.kernel.errors import KernelError
 from kubeproxy.kernel.netif import LocalAddresses
 from kubeproxy.kernel.nft import Nft, NftCli
-from kubeproxy.kernel.sysctl import ProcSysctl, Sysctl, apply_conntrack_sysctls
+from kubeproxy.kernel.sysctl import ProcSysctl, Sysctl, SysctlError, apply_conntrack_sysctls, apply_oom_score_adj
 from kubeproxy.model import objects
 from kubeproxy.model.service import IPFamily, NamespacedName, family_of
+from kubeproxy.observe.health import ProxyHealthTracker
+from kubeproxy.observe.metrics import ProxyMetrics, network_programming_durations
 from kubeproxy.runner import SyncRunner
 from kubeproxy.servers.healthcheck import ServiceHealthServer
+from kubeproxy.servers.metrics import MetricsServer
+from kubeproxy.servers.proxyhealth import ProxyHealthServer
 from kubeproxy.sources import kubeconfig
 from kubeproxy.sources.api import ApiSource
 from kubeproxy.sources.events import Change
@@ -88,6 +92,16 @@ class Proxy:
         self.cfg = cfg
         self.state = ProxyState(node_name=cfg.node_name)
         self.backends = backends
+        families = [b.opts.family for b in backends]
+        self.started_wall = time.time()
+        self.metrics = ProxyMetrics(families)
+        # Upstream's healthz rule: a family is unhealthy once a queued change waits > 2 x syncPeriod.
+        self.health = ProxyHealthTracker(families, timeout=2 * cfg.sync_period)
+        # As upstream's SyncLoop start: every family counts as updated now, so a first sync that never
+        # succeeds turns /healthz and /livez unhealthy after the timeout instead of never.
+        for family in families:
+            self.health.updated(family)
+        self.metrics.sync_queued(self.started_wall)
         self.runner = SyncRunner(
             self.sync,
             min_interval=cfg.min_sync_period,
@@ -104,16 +118,28 @@ class Proxy:
         new = change.new
         if kind == "Service":
             pending = self.state.on_service(NamespacedName(ns, name), new if isinstance(new, objects.Service) else None)
+            self.metrics.add_changes(services=1)
         elif kind == "EndpointSlice":
             pending = self.state.on_endpoint_slice((ns, name), new if isinstance(new, objects.EndpointSlice) else None)
+            self.metrics.add_changes(endpoints=1)
         elif kind == "Node":
             if name != self.state.node_name:
                 return
             pending = self.state.on_node(new if isinstance(new, objects.Node) else None)
         else:
             return
+        services, endpoints = self.state.pending_changes()
+        self.metrics.set_pending(endpoints=endpoints, services=services)
         if pending:
-            self.runner.request()
+            self._request()
+
+    def _request(self) -> None:
+        # Upstream queues health updates (and the last-queued timestamp) only once initialized: before
+        # the initial lists are complete nothing is due, and the proxy counts as starting, not stuck.
+        if self.state.is_initialized:
+            self.health.queued_update()
+            self.metrics.sync_queued(time.time())
+        self.runner.request()
 
     async def watch_tables(self, stop: asyncio.Event, interval: float) -> None:
         """Re-create our tables when someone removes them (``nft flush ruleset``, another tool).
@@ -137,7 +163,7 @@ class Proxy:
                 if not present:
                     log.warning("our nftables table is gone; re-creating it with a full sync family=%s", backend.family)
                     self._need_full = True
-                    self.runner.request()
+                    self._request()
                     break
 
     def on_synced(self) -> None:
@@ -146,7 +172,7 @@ class Proxy:
         # Everything after the initial list is long-lived: keep it out of the cyclic GC's way.
         gc.collect()
         gc.freeze()
-        self.runner.request()
+        self._request()
 
     async def sync(self) -> float | None:
         if not self.state.is_initialized:
@@ -156,13 +182,20 @@ class Proxy:
         result = self.state.commit()
         full = self._need_full or result.node_changed or (start - self._last_full >= self.cfg.full_sync_period)
         self._need_full = True  # until this sync succeeds for every backend
+        services, endpoints = self.state.pending_changes()
+        self.metrics.set_pending(endpoints=endpoints, services=services)
         followups: list[float] = []
         for backend in self.backends:
+            family = backend.opts.family
+            began = time.monotonic()
             try:
                 outcome = await asyncio.to_thread(backend.sync, self.state, result.changed, full=full)
             except KernelError as exc:
+                self.metrics.observe_sync(family, full=full, seconds=time.monotonic() - began)
+                self.metrics.sync_failed(family)
                 log.error("sync failed family=%s error=%r", backend.family, str(exc))
                 raise
+            self._record_success(family, result, full=outcome.full, seconds=time.monotonic() - began)
             if outcome.followup_after is not None:
                 followups.append(outcome.followup_after)
             log.info(
@@ -183,6 +216,21 @@ class Proxy:
                 log.exception("post-sync step failed step=%s", getattr(hook, "__qualname__", hook))
         self.synced.set()
         return min(followups) if followups else None
+
+    def _record_success(self, family: IPFamily, result: UpdateResult, *, full: bool, seconds: float) -> None:
+        """Metrics and health after ``family``'s rules were programmed."""
+        now = time.time()
+        self.metrics.observe_sync(family, full=full, seconds=seconds)
+        self.metrics.sync_succeeded(family, now)
+        self.health.updated(family)
+        triggers = [t for fam, t in result.trigger_times if fam is family]
+        for latency in network_programming_durations(triggers, now=now, not_before=self.started_wall):
+            self.metrics.observe_network_programming(family, latency)
+        internal, external = self.state.no_local_endpoints(family)
+        self.metrics.set_no_local_endpoints(family, internal=internal, external=external)
+
+    def record_conntrack(self, result: CleanupResult) -> None:
+        self.metrics.observe_conntrack(result.family, seconds=result.seconds, deleted=result.deleted)
 
 
 def build_source(cfg: ProxyConfig) -> ManifestDirectory | ApiSource:
@@ -212,6 +260,33 @@ async def run(
     nft = nft or NftCli()
     real_kernel = real_kernel and isinstance(nft, kernel_nft.NftCli)
     proxy = Proxy(cfg, build_backends(cfg, nft))
+    # Upstream's two servers, each on its own thread: /healthz + /livez (healthzBindAddress) and
+    # /metrics, /proxyMode, /configz (metricsBindAddress). A bind failure is retried every 5 s, or
+    # fatal with bindAddressHardFail -- raised by start(), before anything is programmed.
+    servers: dict[str, ProxyHealthServer | MetricsServer] = {}
+    if cfg.healthz_bind_address:
+        servers["healthz"] = ProxyHealthServer(
+            cfg.healthz_bind_address,
+            proxy.health,
+            lambda: proxy.state.node_eligible,
+            proxy.metrics,
+            hard_fail=cfg.bind_address_hard_fail,
+        )
+    if cfg.metrics_bind_address:
+        servers["metrics"] = MetricsServer(
+            cfg.metrics_bind_address,
+            proxy.metrics,
+            proxy_mode=cfg.mode.value,
+            configz=dict(cfg.configz),
+            hard_fail=cfg.bind_address_hard_fail,
+        )
+    try:
+        for server in servers.values():
+            server.start()
+    except BaseException:
+        for server in servers.values():
+            server.stop()
+        raise
     if sysctl is None and real_kernel:
         sysctl = ProcSysctl()
     if sysctl is not None:
@@ -227,10 +302,17 @@ async def run(
                 await asyncio.to_thread(apply_conntrack_sysctls, node_sysctl, cfg.conntrack)
 
         proxy.after_sync.insert(0, tune_conntrack)
+    if real_kernel and cfg.oom_score_adj is not None:
+        try:
+            apply_oom_score_adj(cfg.oom_score_adj)
+        except SysctlError as exc:
+            log.warning("cannot set oom_score_adj value=%d error=%r", cfg.oom_score_adj, str(exc))
     if conntrack is None and real_kernel:
         conntrack = ConntrackCli()
     if conntrack is not None:
-        ct_cleanup = ConntrackReconciler(conntrack, interface_addresses=LocalAddresses() if real_kernel else None)
+        ct_cleanup = ConntrackReconciler(
+            conntrack, interface_addresses=LocalAddresses() if real_kernel else None, on_result=proxy.record_conntrack
+        )
         proxy.after_sync.append(ct_cleanup.after_sync)
     log.info(
         "starting kube-proxy mode=%s node=%s source=%s cluster_cidrs=%s",
@@ -246,12 +328,14 @@ async def run(
     # every successful sync, the first included (an update that arrives before the server has started
     # is applied when it starts). "Proxy healthy" is upstream's healthz rule: no requested sync has
     # been waiting longer than 2 x syncPeriod.
-    service_health = ServiceHealthServer(cfg.node_name, lambda: proxy.runner.healthy(2 * cfg.sync_period))
+    service_health = ServiceHealthServer(cfg.node_name, proxy.health.is_healthy)
     # First among the post-sync steps: load balancers must learn about endpoint changes before any
     # slower step (conntrack cleanup) runs.
     proxy.after_sync.insert(0, service_health.after_sync)
     extras["service-health"] = service_health.serve(stop)
     extras["table-watch"] = proxy.watch_tables(stop, cfg.sync_period)
+    for name, server in servers.items():
+        extras[name] = server.serve(stop)  # already listening: serve() keeps them until stop
     tasks = [
         asyncio.create_task(source.run(proxy.on_change, proxy.on_synced, stop=stop), name="source"),
         asyncio.create_task(proxy.runner.run(stop), name="runner"),

@@ -8,10 +8,6 @@
   the sync function itself forces a full sync after a failure.
 - With no requests, a sync still runs every ``max_interval`` (upstream FullSyncPeriod, 1 h).
 - A sync may ask to run again after N seconds (returning N), e.g. to delete stale chains later.
-- ``pending_since`` / ``healthy(timeout)`` expose upstream's healthz rule (pkg/proxy/healthcheck
-  QueuedUpdate/Updated): a request is served once a sync that started after it has succeeded; the
-  proxy is unhealthy while the oldest unserved request is older than the timeout (2 x syncPeriod).
-  Read from other threads (the health servers): a single attribute read, no lock needed.
 """
 
 from __future__ import annotations
@@ -35,22 +31,9 @@ class SyncRunner:
         self._wake = asyncio.Event()
         self.runs = 0
         self.failures = 0
-        self._requested_at: float | None = None  # monotonic time of the oldest request not yet served
 
     def request(self) -> None:
-        if self._requested_at is None:
-            self._requested_at = time.monotonic()
         self._wake.set()
-
-    @property
-    def pending_since(self) -> float | None:
-        """Monotonic time of the oldest request no successful sync has served yet; None if none."""
-        return self._requested_at
-
-    def healthy(self, timeout: float, *, now: float | None = None) -> bool:
-        """False once a request has waited more than ``timeout`` seconds for a successful sync."""
-        since = self._requested_at
-        return since is None or (time.monotonic() if now is None else now) - since <= timeout
 
     async def run(self, stop: asyncio.Event) -> None:
         next_forced = time.monotonic() + self.max_interval
@@ -71,15 +54,11 @@ class SyncRunner:
                     if stop.is_set():
                         return
                 self._wake.clear()
-                # Requests made from here on need another sync; the ones before are served if this succeeds.
-                served, self._requested_at = self._requested_at, None
                 self.runs += 1
                 try:
                     followup = await self._fn()
                 except Exception:
                     self.failures += 1
-                    if served is not None:
-                        self._requested_at = served  # still unserved, and older than any newer request
                     log.exception("sync failed; retrying in %.1fs with a full sync", self.retry_interval)
                     next_forced = time.monotonic() + self.retry_interval
                 else:

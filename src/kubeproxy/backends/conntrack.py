@@ -121,6 +121,8 @@ class ConntrackReconciler:
     deleted_total: int = 0
     errors: int = 0
     last: list[CleanupResult] = field(default_factory=list)
+    # Called with every family's result (the daemon feeds the conntrack_reconciler_* metrics).
+    on_result: Callable[[CleanupResult], None] | None = None
 
     def plan(self, state: ProxyState) -> list[tuple[UdpServiceIndex, frozenset[str]]]:
         """Snapshot what the cleanup needs from ``state`` (call it where ``state`` cannot change)."""
@@ -174,6 +176,8 @@ class ConntrackReconciler:
         self.last = results
         for r in results:
             self.deleted_total += r.deleted
+            if self.on_result is not None:
+                self.on_result(r)
             if r.error is not None:
                 self.errors += 1
                 log.error("conntrack cleanup failed family=%s error=%r", r.family, r.error)

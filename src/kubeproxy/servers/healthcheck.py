@@ -50,6 +50,7 @@ from types import MappingProxyType
 from aiohttp import web
 
 from kubeproxy.model.service import IPFamily, NamespacedName, family_of
+from kubeproxy.servers.threaded import LoopThread
 from kubeproxy.state.snapshot import ProxyState
 
 __all__ = ["ALL_ADDRESSES", "ServiceHealth", "ServiceHealthServer", "service_health"]
@@ -163,7 +164,7 @@ class ServiceHealthServer:
         self._loop: asyncio.AbstractEventLoop | None = None
         # Serializes start() and stop() (the daemon may stop while a start is still running).
         self._lifecycle = threading.Lock()
-        self._thread: threading.Thread | None = None
+        self._thread: LoopThread | None = None
         # Server thread only.
         self._listeners: dict[int, _Listener] = {}
         self._serving: dict[int, ServiceHealth] = {}  # port -> what it answers; only ports with a listener
@@ -193,30 +194,27 @@ class ServiceHealthServer:
         with self._lifecycle:
             if self._thread is not None:
                 return
-            loop = asyncio.new_event_loop()
-            ready = threading.Event()
-            thread = threading.Thread(target=self._run_loop, args=(loop, ready), name="service-health", daemon=True)
+            thread = LoopThread("service-health")
             thread.start()
-            ready.wait()
+            thread.call(self._begin())
             self._thread = thread
             with self._lock:
-                self._loop = loop
-            asyncio.run_coroutine_threadsafe(self._reconcile(), loop).result()
+                self._loop = thread.loop
+            thread.call(self._reconcile())
 
     def stop(self) -> None:
         """Close every listener and end the thread. Idempotent; ``start()`` may be called again."""
         with self._lifecycle:
             with self._lock:
-                loop, self._loop = self._loop, None
+                self._loop = None
             thread, self._thread = self._thread, None
-            if loop is None or thread is None:
+            if thread is None:
                 return
             try:
-                asyncio.run_coroutine_threadsafe(self._close_all(), loop).result(timeout=_STOP_TIMEOUT)
+                thread.call(self._close_all(), timeout=_STOP_TIMEOUT)
             except Exception:
                 log.exception("closing health check listeners failed")
-            loop.call_soon_threadsafe(loop.stop)
-            thread.join(timeout=_STOP_TIMEOUT)
+            thread.stop(_STOP_TIMEOUT)
 
     def sync_services(self, state: ProxyState) -> concurrent.futures.Future[None]:
         """Serve what ``state`` says; call on the thread that owns ``state``. The future is done once
@@ -249,21 +247,10 @@ class ServiceHealthServer:
         await asyncio.wrap_future(self.sync_services(state))
 
     # -- server thread ---------------------------------------------------------------------------
-    def _run_loop(self, loop: asyncio.AbstractEventLoop, ready: threading.Event) -> None:
-        asyncio.set_event_loop(loop)
+    async def _begin(self) -> None:
+        # Loop-bound state is made on the loop that will use it (a fresh one for every start()).
         self._reconciling = asyncio.Lock()
         self._closed = False
-        loop.call_soon(ready.set)
-        try:
-            loop.run_forever()
-        finally:
-            # A retry that was about to run, or an answer still being written: end them before the loop.
-            leftovers = asyncio.all_tasks(loop)
-            for task in leftovers:
-                task.cancel()
-            loop.run_until_complete(asyncio.gather(*leftovers, return_exceptions=True))
-            loop.run_until_complete(loop.shutdown_asyncgens())
-            loop.close()
 
     def _schedule_retry(self) -> None:
         self._retry = None
