@@ -249,3 +249,35 @@ def test_bind_address_hard_fail_stops_startup_before_programming(tmp_path: Path)
         else:
             raise AssertionError("a taken healthz port must be fatal with --bind-address-hard-fail")
         assert nft.transactions == []
+
+
+def test_a_changed_config_file_makes_the_daemon_exit_with_an_error(tmp_path: Path) -> None:
+    # Upstream exits when --config is written or renamed; the DaemonSet restarts it with the new file.
+    (tmp_path / "m").mkdir()
+    write_manifests(tmp_path / "m")
+    conf = tmp_path / "config.conf"
+    conf.write_text(
+        "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\n"
+        f"healthzBindAddress: 127.0.0.1:{free_port()}\nmetricsBindAddress: 127.0.0.1:{free_port()}\n"
+    )
+    cfg = load_config([f"--config={conf}", f"--manifests={tmp_path / 'm'}", "--hostname-override=node1"])
+    assert cfg.config_file == conf
+    nft = FakeNft()
+
+    async def scenario() -> None:
+        task = asyncio.create_task(daemon.run(cfg, nft=nft))
+        await eventually(lambda: "10.96.0.10" in nft.dump())
+        await asyncio.sleep(0.1)
+        assert not task.done()  # an untouched file keeps it running
+        # A ConfigMap update: the kubelet swaps the file atomically (rename).
+        (tmp_path / "new.conf").write_text(conf.read_text() + "clusterCIDR: 10.244.0.0/16\n")
+        (tmp_path / "new.conf").rename(conf)
+        try:
+            await asyncio.wait_for(task, timeout=10)
+        except daemon.ConfigFileChanged as exc:
+            assert str(conf) in str(exc)
+        else:
+            raise AssertionError("the daemon must exit when its configuration file changes")
+        assert "10.96.0.10" in nft.dump()  # the rules stay for the restarted process
+
+    asyncio.run(scenario())

@@ -406,6 +406,7 @@ def _load(cmd: CommandLine) -> Loaded:
         "master": cmd.get("master", ""),
         "cleanup": bool(cmd.get("cleanup", False)),
         "init_only": bool(cmd.get("init-only", False)),
+        "config_file": Path(cmd.get("config")) if cmd.get("config") else None,
     }
     config_file = cmd.get("config")
     if config_file:
@@ -503,6 +504,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return render_main(argv[1:])
     from kubeproxy import daemon
+    from kubeproxy.daemon import ConfigFileChanged
     from kubeproxy.servers.threaded import ServerBindError
     from kubeproxy.sources.errors import AccessDenied, ConnectionConfigError
     from kubeproxy.sources.manifests import ManifestError
@@ -538,6 +540,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except AccessDenied as exc:
         log.error("cannot start: %s", exc.explain())
+        return 1
+    except ConfigFileChanged as exc:
+        log.error("%s", exc)
         return 1
     except ServerBindError as exc:
         log.error("cannot start: %s (bindAddressHardFail is set)", exc)

@@ -79,6 +79,7 @@ class ProxyConfig:
     verbosity: int = 0
     cleanup: bool = False  # --cleanup: remove our rules and exit
     init_only: bool = False  # --init-only: node setup that needs full root (sysctls), then exit
+    config_file: Path | None = None  # --config: the process exits when it changes (upstream), to be restarted
     # IP:port of the /healthz + /livez and the /metrics servers; "" disables one. Flags and the config
     # file default them to upstream's 0.0.0.0:10256 and 127.0.0.1:10249 (configfile.resolve); a
     # ProxyConfig built in code (tests, the lab) serves neither unless asked.

@@ -17,6 +17,7 @@ import logging
 import signal
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from pathlib import Path
 from typing import Any
 
 from kubeproxy.backends.conntrack import CleanupResult, ConntrackReconciler
@@ -233,6 +234,31 @@ class Proxy:
         self.metrics.observe_conntrack(result.family, seconds=result.seconds, deleted=result.deleted)
 
 
+class ConfigFileChanged(Exception):
+    """The --config file changed: exit, so that the supervisor restarts us with the new content."""
+
+
+async def watch_config_file(path: Path, stop: asyncio.Event, interval: float = 2.0) -> None:
+    """Upstream watches ``--config`` (fsnotify) and exits with an error when it is written or renamed;
+    the DaemonSet restarts the pod, which then reads the new configuration. A ConfigMap update arrives
+    as an atomic symlink swap, so we compare content, not inotify events (polling: cheap, and it also
+    sees a file replaced on another mount)."""
+
+    def read() -> bytes | None:
+        try:
+            return path.read_bytes()
+        except OSError:
+            return None
+
+    initial = await asyncio.to_thread(read)
+    while not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=interval)
+            return
+        if await asyncio.to_thread(read) != initial:
+            raise ConfigFileChanged(f"content of the configuration file changed; exiting to load it path={path}")
+
+
 def build_source(cfg: ProxyConfig) -> ManifestDirectory | ApiSource:
     """The manifest directory when one is given, else the API server (kubeconfig, master or in-cluster)."""
     if cfg.manifests is not None:
@@ -334,6 +360,8 @@ async def run(
     proxy.after_sync.insert(0, service_health.after_sync)
     extras["service-health"] = service_health.serve(stop)
     extras["table-watch"] = proxy.watch_tables(stop, cfg.sync_period)
+    if cfg.config_file is not None:
+        extras["config-watch"] = watch_config_file(cfg.config_file, stop)
     for name, server in servers.items():
         extras[name] = server.serve(stop)  # already listening: serve() keeps them until stop
     tasks = [
