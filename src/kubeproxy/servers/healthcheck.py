@@ -50,7 +50,7 @@ from types import MappingProxyType
 from aiohttp import web
 
 from kubeproxy.model.service import IPFamily, NamespacedName, family_of
-from kubeproxy.servers.threaded import LoopThread
+from kubeproxy.servers.threaded import LoopThread, listening_socket
 from kubeproxy.state.snapshot import ProxyState
 
 __all__ = ["ALL_ADDRESSES", "ServiceHealth", "ServiceHealthServer", "service_health"]
@@ -59,7 +59,6 @@ log = logging.getLogger("kubeproxy.servers.healthcheck")
 
 ALL_ADDRESSES = ("0.0.0.0", "::")
 WEIGHT_HEADER = "X-Load-Balancing-Endpoint-Weight"
-_BACKLOG = 128
 _KEEPALIVE = 15.0  # seconds; probes are cheap, idle connections should not pile up
 _SHUTDOWN_GRACE = 1.0  # seconds an in-flight answer may take when its listener closes
 _STOP_TIMEOUT = 10.0
@@ -100,24 +99,8 @@ def service_health(state: ProxyState, node_name: str) -> dict[NamespacedName, Se
 
 
 def _listening_socket(address: str, port: int) -> socket.socket:
-    """A bound, listening, non-blocking TCP socket; OSError (e.g. EADDRINUSE) if the port is taken."""
     family = socket.AF_INET6 if family_of(address) is IPFamily.V6 else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        # SO_REUSEADDR: a port we just closed (connections in TIME_WAIT) can be reopened at once. It does
-        # not let us share a port another process listens on: bind() or listen() still fail then.
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        sock.bind((address, port))
-        # listen() here, not later in aiohttp: with SO_REUSEADDR on both sides Linux reports a conflict
-        # with a bound-but-not-yet-listening socket only at listen().
-        sock.listen(_BACKLOG)
-        sock.setblocking(False)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
+    return listening_socket(family, address, port)
 
 
 class _Listener:

@@ -97,19 +97,20 @@ def _listening_sockets(host: str, port: int) -> list[socket.socket]:
     if ip.is_unspecified:
         try:
             # One dual-stack socket, like Go's listener for an unspecified address.
-            return [_listen(socket.AF_INET6, "::", port, v6only=False)]
+            return [listening_socket(socket.AF_INET6, "::", port, v6only=False)]
         except OSError as exc:
             if exc.errno not in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL):
                 raise
             if ip.version == 6:
                 raise
             # No IPv6 on this host: IPv4 only.
-            return [_listen(socket.AF_INET, "0.0.0.0", port)]
+            return [listening_socket(socket.AF_INET, "0.0.0.0", port)]
     family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
-    return [_listen(family, host, port, v6only=True)]
+    return [listening_socket(family, host, port, v6only=True)]
 
 
-def _listen(family: socket.AddressFamily, host: str, port: int, *, v6only: bool = True) -> socket.socket:
+def listening_socket(family: socket.AddressFamily, host: str, port: int, *, v6only: bool = True) -> socket.socket:
+    """A bound, listening, non-blocking TCP socket; OSError (e.g. EADDRINUSE) if the port is taken."""
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         # As Go's listeners: a port whose old connections sit in TIME_WAIT can be reused at once. It
@@ -118,6 +119,8 @@ def _listen(family: socket.AddressFamily, host: str, port: int, *, v6only: bool 
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1 if v6only else 0)
         sock.bind((host, port))
+        # listen() here, not later in aiohttp: with SO_REUSEADDR on both sides Linux reports a conflict
+        # with a bound-but-not-yet-listening socket only at listen().
         sock.listen(_BACKLOG)
         sock.setblocking(False)
     except BaseException:
