@@ -70,10 +70,18 @@ def test_json_is_yaml_too(tmp_path: Path) -> None:
     path = tmp_path / "c.json"
     path.write_text(
         '{"apiVersion": "kubeproxy.config.k8s.io/v1alpha1", "kind": "KubeProxyConfiguration",'
-        ' "clusterCIDR": "10.244.0.0/16,fd00:10:244::/64", "nftables": {"syncPeriod": "10s"}}'
+        ' "clusterCIDR": "10.244.0.0/16,fd00:10:244::/64", "mode": "nftables", "nftables": {"syncPeriod": "10s"}}'
     )
     cfg = load_config([f"--config={path}"])
     assert cfg.cluster_cidrs == ("10.244.0.0/16", "fd00:10:244::/64") and cfg.sync_period == 10.0
+
+
+def test_an_unset_mode_takes_the_iptables_section_as_upstream_does(tmp_path: Path) -> None:
+    # mode "" is upstream's iptables mode; we run nftables then, with what the file says for it.
+    path = write(tmp_path, "iptables: {masqueradeAll: true, minSyncPeriod: 10s}\nnftables: {syncPeriod: 5s}\n")
+    cfg = load_config([f"--config={path}"])
+    assert cfg.mode is ProxyMode.NFTABLES and cfg.masquerade_all
+    assert (cfg.min_sync_period, cfg.sync_period) == (10.0, 30.0)
 
 
 @pytest.mark.parametrize(
@@ -91,8 +99,9 @@ def test_json_is_yaml_too(tmp_path: Path) -> None:
         ("mode: a\nmode: b\n", ["duplicate field 'mode'", "line 4"]),
         ("mode: userspace\n", ["mode", "'userspace'"]),
         ("mode: iptables\n", ["mode", "iptables", "not implemented yet"]),
-        ("nftables: {masqueradeBit: 32}\n", ["nftables.masqueradeBit", "32"]),
-        ("nftables: {syncPeriod: -1s}\n", ["nftables.syncPeriod", "-1s"]),
+        ("mode: nftables\nnftables: {masqueradeBit: 32}\n", ["nftables.masqueradeBit", "32"]),
+        ("mode: nftables\nnftables: {syncPeriod: -1s}\n", ["nftables.syncPeriod", "-1s"]),
+        ("iptables: {minSyncPeriod: -2s}\n", ["iptables.minSyncPeriod", "-2s"]),  # mode "": iptables section
         ("oomScoreAdj: 1001\n", ["oomScoreAdj", "1001"]),
         ("conntrack: {min: -1}\n", ["conntrack.min", "-1"]),
         ("healthzBindAddress: 'localhost:10256'\n", ["healthzBindAddress", "localhost:10256"]),
@@ -212,7 +221,10 @@ def test_go_style_flag_syntax() -> None:
         (["--metrics-bind-address=0.0.0.0:10249"], ("0.0.0.0:10256", "0.0.0.0:10249")),
         (["--healthz-bind-address=[::]:10256"], ("[::]:10256", "127.0.0.1:10249")),
         (["--healthz-port=0"], ("", "127.0.0.1:10249")),  # deprecated port flags: 0 disables
-        (["--metrics-port=19249"], ("0.0.0.0:10256", "127.0.0.1:19249")),
+        (["--metrics-port=19249"], ("0.0.0.0:10256", "127.0.0.1:10249")),  # only fills in a missing port
+        (["--metrics-bind-address=127.0.0.1", "--metrics-port=19249"], ("0.0.0.0:10256", "127.0.0.1:19249")),
+        (["--healthz-bind-address=0.0.0.0"], ("0.0.0.0:10256", "127.0.0.1:10249")),  # a bare IP: default port
+        (["--healthz-bind-address=::"], ("[::]:10256", "127.0.0.1:10249")),
     ],
 )
 def test_server_address_flags(argv: list[str], expect: tuple[str, str]) -> None:
@@ -247,15 +259,28 @@ def test_bad_flags_are_errors_naming_the_value(argv: list[str], needle: str) -> 
 def test_the_file_wins_except_logging_flags_and_hostname_override(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    path = write(tmp_path, "nftables: {syncPeriod: 10s}\nhostnameOverride: from-file\nlogging: {verbosity: 1}\n")
+    path = write(
+        tmp_path, "mode: nftables\nnftables: {syncPeriod: 10s}\nhostnameOverride: from-file\nlogging: {verbosity: 1}\n"
+    )
     argv = [f"--config={path}", "--iptables-sync-period=1m", "--masquerade-all", "--kubeconfig=/flag"]
     cfg = load_config([*argv, "--v=5", "--hostname-override=Node-7"])
     assert cfg.sync_period == 10.0 and not cfg.masquerade_all and cfg.kubeconfig == ""
-    assert cfg.verbosity == 5 and cfg.hostname_override == "Node-7" and cfg.node_name == "node-7"
+    assert cfg.verbosity == 5 and cfg.hostname_override == "node-7" and cfg.node_name == "node-7"
     assert cfg.configz["logging"]["verbosity"] == 5
     assert "--iptables-sync-period,--kubeconfig,--masquerade-all" in caplog.text
     file_only = load_config([f"--config={path}"])
     assert file_only.verbosity == 1 and file_only.hostname_override == "from-file"
+    # An empty override does not override (upstream applies it only when non-empty); spaces are an error.
+    assert load_config([f"--config={path}", "--hostname-override="]).hostname_override == "from-file"
+    with pytest.raises(ConfigError, match="empty hostname-override"):
+        load_config([f"--config={path}", "--hostname-override=  "])
+
+
+def test_repeated_map_and_list_flags_add_up() -> None:
+    cfg = load_config(["--feature-gates=A=true", "--feature-gates=B=false,A=false", "--nodeport-addresses=primary",
+                       "--nodeport-addresses=10.0.0.0/8"])  # fmt: skip
+    assert dict(cfg.feature_gates) == {"A": False, "B": False}
+    assert cfg.nodeport_addresses == ("primary", "10.0.0.0/8")
 
 
 def test_write_config_to_round_trips(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -278,7 +303,9 @@ def test_write_config_to_of_the_kubeadm_file_is_its_defaulted_form(tmp_path: Pat
     assert written.nftables.sync_period == 30.0 and written.conntrack.max_per_core == 32768
 
 
-def test_unsupported_settings_are_reported_once_by_name(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_unsupported_settings_are_reported_once_by_name(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     path = write(
         tmp_path,
         "enableProfiling: true\nfeatureGates: {Foo: true}\nconfigSyncPeriod: 5m\n"
@@ -295,8 +322,11 @@ def test_unsupported_settings_are_reported_once_by_name(tmp_path: Path, capsys: 
         "featureGates.Foo",
     ]
     assert configfile.unsupported(configfile.load(KUBEADM)) == []  # zero values are not "set"
-    assert main([f"--config={path}", f"--write-config-to={tmp_path / 'x'}"]) == 0
-    cli._report_unsupported(raw)
+    # Through main(), on a path that starts work (--init-only, node sysctls faked).
+    node = {CONNTRACK_MAX: "1", HASHSIZE: "1", "net/netfilter/nf_conntrack_tcp_timeout_established": "1",
+            "net/netfilter/nf_conntrack_tcp_timeout_close_wait": "1"}  # fmt: skip
+    monkeypatch.setattr(daemon, "ProcSysctl", lambda: FakeSysctl(values=dict(node)))
+    assert main([f"--config={path}", "--init-only"]) == 0
     err = capsys.readouterr().err
     assert err.count("setting not supported yet, ignored setting=enableProfiling=true") == 1
     assert err.count("featureGates.Foo=true") == 1

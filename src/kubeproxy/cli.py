@@ -104,8 +104,14 @@ def goip(value: str) -> str:
 
 
 def goipport(value: str) -> str:
-    if value == "":
+    """upstream's ``ipport`` flag type: IP:port, or a bare IP (the default port is added later)."""
+    if value.strip() == "":
         return ""
+    try:
+        ipaddress.ip_address(value.strip("[]"))
+        return value
+    except ValueError:
+        pass
     try:
         configfile.split_host_port(value, name="address")
     except ConfigError as exc:
@@ -315,6 +321,21 @@ _WRITE_CONFIG_TO = Flag("write-config-to", "string", str, "", "If set, write the
 _HELP = Flag("help", "", gobool, "", "help for kube-proxy", shorthand="h")
 
 
+class _Accumulate(argparse.Action):
+    """pflag's mapStringBool and strings: repeating the flag adds to it (``--feature-gates=A=true
+    --feature-gates=B=false`` sets both)."""
+
+    def __call__(
+        self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any, _: Any = None
+    ) -> None:
+        old = getattr(namespace, self.dest, None)
+        if isinstance(old, dict) and isinstance(values, dict):
+            values = {**old, **values}
+        elif isinstance(old, list) and isinstance(values, list):
+            values = old + values
+        setattr(namespace, self.dest, values)
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         raise ConfigError(message)
@@ -329,6 +350,8 @@ def _parser() -> argparse.ArgumentParser:
         elif flag.is_bool:
             # pflag booleans: --flag means true, --flag=false says so explicitly.
             p.add_argument(*names, dest=flag.name, nargs="?", const=True, type=flag.parse)
+        elif flag.parse in (gomapbool, gostrings):
+            p.add_argument(*names, dest=flag.name, type=flag.parse, action=_Accumulate)
         else:
             p.add_argument(*names, dest=flag.name, type=flag.parse)
     p.add_argument("-h", "--help", dest="help", action="store_true")
@@ -366,6 +389,14 @@ def _document_value(flag: Flag, value: Any) -> Any:
     return value
 
 
+def _hostname_override(value: str) -> str:
+    """upstream processHostnameOverrideFlag: trimmed and lower-cased; only spaces is an error."""
+    name = value.strip()
+    if not name:
+        raise ConfigError("--hostname-override: empty hostname-override is invalid")
+    return name.lower()
+
+
 def document_from_flags(cmd: CommandLine, *, logging_only: bool = False) -> dict[str, Any]:
     """The KubeProxyConfiguration document the given flags describe (only the fields they set)."""
     doc: dict[str, Any] = {"apiVersion": configfile.API_VERSION, "kind": configfile.KIND}
@@ -373,19 +404,20 @@ def document_from_flags(cmd: CommandLine, *, logging_only: bool = False) -> dict
         flag = _BY_NAME.get(name)
         if flag is None or (logging_only and not flag.logging):
             continue
+        if name == "hostname-override":
+            value = _hostname_override(value) if value else ""
         for path in flag.paths:
             _set(doc, path, _document_value(flag, value))
     return doc
 
 
-def _deprecated_port(address: str, port: int | None, default_host: str) -> str:
-    """upstream addressFromDeprecatedFlags: --healthz-port/--metrics-port replace the port; 0 disables."""
-    if port is None:
-        return address
+def _server_address(address: str, port: int | None, default_port: int) -> str:
+    """A flag's server address: a bare IP gets a port (upstream AppendPortIfNeeded) -- the deprecated
+    --healthz-port / --metrics-port when given (0 there disables the server, upstream
+    addressFromDeprecatedFlags), else the default one. An address with a port keeps it."""
     if port == 0:
         return ""
-    host = address.rpartition(":")[0] if address else default_host
-    return f"{host}:{port}"
+    return configfile.with_port(address, port or default_port) if address else ""
 
 
 def load_config(argv: Sequence[str]) -> ProxyConfig:
@@ -414,8 +446,8 @@ def _load(cmd: CommandLine) -> Loaded:
         # Logging flags and --hostname-override win over the file (upstream copyLogsFromFlags and
         # processHostnameOverrideFlag); everything else in the document comes from the file.
         overrides = document_from_flags(cmd, logging_only=True)
-        if "hostname-override" in cmd:
-            overrides["hostnameOverride"] = cmd.get("hostname-override")
+        if cmd.get("hostname-override"):
+            overrides["hostnameOverride"] = _hostname_override(cmd.get("hostname-override"))
         raw = _merge(raw, overrides)
         effective = raw.defaulted()
         moot = sorted(n for n in cmd.given if n in _BY_NAME and n not in _OUTSIDE_DOCUMENT
@@ -431,15 +463,12 @@ def _load(cmd: CommandLine) -> Loaded:
         raw = configfile.parse_document(document_from_flags(cmd), source="flags")
         defaults = configfile.KubeProxyConfiguration().defaulted().document()
         effective = _merge(configfile.parse_document(defaults), document_from_flags(cmd))
-        for flag, port_flag, default_host in (
-            ("healthz-bind-address", "healthz-port", "0.0.0.0"),
-            ("metrics-bind-address", "metrics-port", "127.0.0.1"),
+        for port_flag, key, default_port in (
+            ("healthz-port", "healthz_bind_address", configfile.HEALTHZ_PORT),
+            ("metrics-port", "metrics_bind_address", configfile.METRICS_PORT),
         ):
-            if port_flag in cmd:
-                key = "healthz_bind_address" if flag.startswith("healthz") else "metrics_bind_address"
-                address = getattr(effective, key)
-                port = _deprecated_port(address, cmd.get(port_flag), default_host)
-                effective = effective.model_copy(update={key: port})
+            address = _server_address(getattr(effective, key), cmd.get(port_flag), default_port)
+            effective = effective.model_copy(update={key: address})
     try:
         cfg = configfile.resolve(effective, **extra)
     except ConfigError as exc:

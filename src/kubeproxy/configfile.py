@@ -329,8 +329,11 @@ def _default_hosts(bind_address: str) -> tuple[str, str]:
 
 def _with_port(value: str, default_host: str, port: int) -> str:
     """Upstream defaulting: "" -> default host:port; an address without a port gets the default port."""
-    if not value:
-        return f"{default_host}:{port}"
+    return with_port(value, port) if value else f"{default_host}:{port}"
+
+
+def with_port(value: str, port: int) -> str:
+    """upstream AppendPortIfNeeded: a bare IP gets ``port`` (IPv6 in brackets); IP:port is kept."""
     try:
         ip = ipaddress.ip_address(value.strip("[]"))
     except ValueError:
@@ -485,10 +488,14 @@ def resolve(cfg: KubeProxyConfiguration, **extra: Any) -> ProxyConfig:
         raise ConfigError(f"mode: unknown proxy mode {cfg.mode!r} (nftables, iptables, ipvs)")
     if mode not in (m.value for m in IMPLEMENTED_MODES):
         raise ConfigError(f"mode: {mode} is not implemented yet (implemented: nftables)")
-    section: NFTables | IPTables = cfg.nftables
+    # Upstream's conversion takes masqueradeAll/Bit and the sync periods from the section of the mode
+    # in force; an unset mode is upstream's iptables mode, so its settings live under ``iptables``
+    # (we run nftables then, with the settings the file's author wrote for it).
+    section: NFTables | IPTables = cfg.iptables if cfg.mode in ("", "iptables") else cfg.nftables
+    where = "iptables" if cfg.mode in ("", "iptables") else mode
     for name, seconds, positive in (
-        (f"{mode}.syncPeriod", section.sync_period, True),
-        (f"{mode}.minSyncPeriod", section.min_sync_period, False),
+        (f"{where}.syncPeriod", section.sync_period, True),
+        (f"{where}.minSyncPeriod", section.min_sync_period, False),
         ("conntrack.udpTimeout", cfg.conntrack.udp_timeout, False),
         ("conntrack.udpStreamTimeout", cfg.conntrack.udp_stream_timeout, False),
         ("conntrack.tcpEstablishedTimeout", cfg.conntrack.tcp_established_timeout or 0.0, False),
@@ -498,7 +505,7 @@ def resolve(cfg: KubeProxyConfiguration, **extra: Any) -> ProxyConfig:
         _check_duration(seconds, name, positive=positive)
     bit = section.masquerade_bit if section.masquerade_bit is not None else 14
     if not 0 <= bit <= 31:
-        raise ConfigError(f"{mode}.masqueradeBit: {bit} must be within 0-31")
+        raise ConfigError(f"{where}.masqueradeBit: {bit} must be within 0-31")
     assert cfg.oom_score_adj is not None  # defaulted
     if not -1000 <= cfg.oom_score_adj <= 1000:
         raise ConfigError(f"oomScoreAdj: {cfg.oom_score_adj} must be within -1000..1000")

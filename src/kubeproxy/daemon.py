@@ -32,6 +32,7 @@ from kubeproxy.kernel.nft import Nft, NftCli
 from kubeproxy.kernel.sysctl import ProcSysctl, Sysctl, SysctlError, apply_conntrack_sysctls, apply_oom_score_adj
 from kubeproxy.model import objects
 from kubeproxy.model.service import IPFamily, NamespacedName, family_of
+from kubeproxy.observe import logging as klog
 from kubeproxy.observe.health import ProxyHealthTracker
 from kubeproxy.observe.metrics import ProxyMetrics, network_programming_durations
 from kubeproxy.runner import SyncRunner
@@ -196,10 +197,11 @@ class Proxy:
                 self.metrics.sync_failed(family)
                 log.error("sync failed family=%s error=%r", backend.family, str(exc))
                 raise
-            self._record_success(family, result, full=outcome.full, seconds=time.monotonic() - began)
+            self._record_success(family, result, full=outcome.full, began=began, committed=start)
             if outcome.followup_after is not None:
                 followups.append(outcome.followup_after)
-            log.info(
+            log.log(
+                klog.V2,
                 "synced family=%s full=%s services=%d commands=%d elapsed=%.3fs",
                 backend.family,
                 outcome.full,
@@ -218,12 +220,15 @@ class Proxy:
         self.synced.set()
         return min(followups) if followups else None
 
-    def _record_success(self, family: IPFamily, result: UpdateResult, *, full: bool, seconds: float) -> None:
-        """Metrics and health after ``family``'s rules were programmed."""
+    def _record_success(
+        self, family: IPFamily, result: UpdateResult, *, full: bool, began: float, committed: float
+    ) -> None:
+        """Metrics and health after ``family``'s rules were programmed: its sync began at ``began``;
+        the changes it programmed are those committed at ``committed``."""
         now = time.time()
-        self.metrics.observe_sync(family, full=full, seconds=seconds)
+        self.metrics.observe_sync(family, full=full, seconds=time.monotonic() - began)
         self.metrics.sync_succeeded(family, now)
-        self.health.updated(family)
+        self.health.updated(family, since=committed)
         triggers = [t for fam, t in result.trigger_times if fam is family]
         for latency in network_programming_durations(triggers, now=now, not_before=self.started_wall):
             self.metrics.observe_network_programming(family, latency)
@@ -380,6 +385,10 @@ async def run(
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        # serve() stops its server; these calls (idempotent) cover a serve task cancelled before
+        # it first ran.
+        for server in servers.values():
+            await asyncio.to_thread(server.stop)
     log.info("stopped; rules left in place")
     return 0
 

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from kubeproxy.kernel.conntrack import Conntrack, Flow
 from kubeproxy.kernel.errors import KernelError
 from kubeproxy.model.service import IPFamily, Protocol, family_of
+from kubeproxy.observe.logging import V2
 from kubeproxy.state.snapshot import ProxyState, UpdateResult
 
 __all__ = ["CleanupResult", "ConntrackReconciler", "UdpServiceIndex", "stale_flows"]
@@ -182,7 +183,8 @@ class ConntrackReconciler:
                 self.errors += 1
                 log.error("conntrack cleanup failed family=%s error=%r", r.family, r.error)
             else:
-                log.info(
+                log.log(
+                    V2,
                     "conntrack cleanup family=%s udp_entries=%d deleted=%d elapsed=%.3fs",
                     r.family,
                     r.listed,

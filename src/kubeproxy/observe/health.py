@@ -102,13 +102,18 @@ class ProxyHealthTracker:
                 if state.oldest_queued_mono is None:
                     state.oldest_queued_mono = now
 
-    def updated(self, family: FamilyLike) -> None:
-        """``family``'s rules now reflect every change queued before this sync started."""
+    def updated(self, family: FamilyLike, *, since: float | None = None) -> None:
+        """``family``'s rules now reflect every change queued before this sync started.
+
+        ``since``: the (monotonic) start of that sync. A change queued after it is not served yet
+        and stays queued (upstream clears it too; then a change that arrived mid-sync followed by
+        failing syncs would never turn the proxy unhealthy)."""
         (label,) = self._targets(family)
         mono, wall = self._monotonic(), self._wall()
         with self._lock:
             state = self._state[label]
-            state.oldest_queued_mono = None
+            if since is None or state.oldest_queued_mono is None or state.oldest_queued_mono <= since:
+                state.oldest_queued_mono = None
             state.updated_mono, state.updated_wall = mono, wall
 
     def status(self) -> ProxyHealth:

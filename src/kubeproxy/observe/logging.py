@@ -1,7 +1,8 @@
 """Logging setup: klog-style header, one line per event, key=value details, ``-v`` verbosity.
 
-Verbosity maps like klog's common use in kube-proxy: 0-1 warnings and important info, 2 info
-(every sync summary), 4 debug, 6+ also the nft transaction text that was applied.
+Verbosity maps like klog's common use in kube-proxy: 0-1 warnings and important info (startup,
+configuration, failures), 2 also every sync summary (upstream logs "SyncProxyRules complete" at
+V(2)), 4 debug, 6+ also the nft transaction text that was applied.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import os
 import sys
 import time
 
+V2 = logging.INFO - 1  # klog V(2): per-sync summaries
 TRANSACTION = logging.DEBUG - 5  # level at which backends log whole transactions
 
 
@@ -18,7 +20,7 @@ class KlogFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         t = time.localtime(record.created)
         micros = int((record.created % 1) * 1_000_000)
-        level = {"WARNING": "W", "ERROR": "E", "CRITICAL": "F"}.get(record.levelname, "I")
+        level = {"WARNING": "W", "ERROR": "E", "CRITICAL": "F"}.get(record.levelname, "I")  # V(n) are I
         head = f"{level}{t.tm_mon:02d}{t.tm_mday:02d} {time.strftime('%H:%M:%S', t)}.{micros:06d} {os.getpid():7d}"
         msg = f"{head} {record.name}] {record.getMessage()}"
         if record.exc_info:
@@ -31,6 +33,8 @@ def verbosity_level(v: int) -> int:
         return TRANSACTION
     if v >= 4:
         return logging.DEBUG
+    if v >= 2:
+        return V2
     return logging.INFO
 
 
