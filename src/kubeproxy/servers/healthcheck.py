@@ -50,7 +50,7 @@ from types import MappingProxyType
 from aiohttp import web
 
 from kubeproxy.model.service import IPFamily, NamespacedName, family_of
-from kubeproxy.servers.threaded import LoopThread, listening_socket
+from kubeproxy.servers.threaded import LoopThread, listening_socket, serve_until
 from kubeproxy.state.snapshot import ProxyState
 
 __all__ = ["ALL_ADDRESSES", "ServiceHealth", "ServiceHealthServer", "service_health"]
@@ -219,11 +219,7 @@ class ServiceHealthServer:
     # -- asyncio glue for the daemon ---------------------------------------------------------------
     async def serve(self, stop: asyncio.Event) -> None:
         """Run until ``stop`` is set (or this task is cancelled), then close every listener."""
-        try:
-            await asyncio.to_thread(self.start)
-            await stop.wait()
-        finally:
-            await asyncio.to_thread(self.stop)
+        await serve_until(self.start, self.stop, stop)
 
     async def after_sync(self, state: ProxyState, _result: object, _full: bool) -> None:
         """A daemon post-sync hook: follow the state that was just programmed."""

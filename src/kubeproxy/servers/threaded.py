@@ -66,6 +66,16 @@ class ServerBindError(RuntimeError):
         self.reason = reason
 
 
+async def serve_until(start: Callable[[], None], close: Callable[[], None], stop: asyncio.Event) -> None:
+    """The daemon's way of running a threaded server: start it (off the event loop), wait for
+    ``stop`` (or cancellation), then close it."""
+    try:
+        await asyncio.to_thread(start)
+        await stop.wait()
+    finally:
+        await asyncio.to_thread(close)
+
+
 def parse_bind_address(address: str) -> tuple[str, int]:
     """``"IP:port"`` / ``"[IPv6]:port"`` -> (normalized IP, port); ValueError if it is neither.
 
@@ -261,11 +271,7 @@ class ThreadedHTTPServer:
 
     async def serve(self, stop: asyncio.Event) -> None:
         """Run until ``stop`` is set (or this task is cancelled), then stop."""
-        try:
-            await asyncio.to_thread(self.start)
-            await stop.wait()
-        finally:
-            await asyncio.to_thread(self.stop)
+        await serve_until(self.start, self.stop, stop)
 
     def _stop_locked(self) -> None:
         thread, self._thread = self._thread, None
