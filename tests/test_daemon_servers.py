@@ -150,6 +150,7 @@ def test_health_and_metrics_servers_of_a_running_daemon(tmp_path: Path) -> None:
         await eventually(programmed)
         metrics = Exposition((await aget(mp, "/metrics"))[1])
         assert metrics.value("kubeproxy_network_programming_duration_seconds_count", ip_family="IPv4") == 1
+        assert metrics.value("kubeproxy_sync_proxy_rules_endpoint_changes_total") == 2  # every event counts
         assert metrics.value("kubeproxy_network_programming_duration_seconds_sum", ip_family="IPv4") < 60
         assert metrics.value("kubeproxy_sync_partial_proxy_rules_duration_seconds_count", ip_family="IPv4") >= 1
 

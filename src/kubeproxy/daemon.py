@@ -130,10 +130,13 @@ class Proxy:
             pending = self.state.on_node(new if isinstance(new, objects.Node) else None)
         else:
             return
-        services, endpoints = self.state.pending_changes()
-        self.metrics.set_pending(endpoints=endpoints, services=services)
+        self._publish_pending()
         if pending:
             self._request()
+
+    def _publish_pending(self) -> None:
+        services, endpoints = self.state.pending_changes()
+        self.metrics.set_pending(endpoints=endpoints, services=services)
 
     def _request(self) -> None:
         # Upstream queues health updates (and the last-queued timestamp) only once initialized: before
@@ -184,8 +187,7 @@ class Proxy:
         result = self.state.commit()
         full = self._need_full or result.node_changed or (start - self._last_full >= self.cfg.full_sync_period)
         self._need_full = True  # until this sync succeeds for every backend
-        services, endpoints = self.state.pending_changes()
-        self.metrics.set_pending(endpoints=endpoints, services=services)
+        self._publish_pending()
         followups: list[float] = []
         for backend in self.backends:
             family = backend.opts.family

@@ -101,9 +101,6 @@ class ProxyState:
         # /healthz "nodeEligible": our Node exists, is not being deleted and is not tainted
         # ToBeDeletedByClusterAutoscaler. Not part of NodeInfo: it must not cause a resync.
         self.node_eligible = False
-        # Cumulative counts of Service / EndpointSlice events (upstream *_changes_total).
-        self.service_changes_total = 0
-        self.endpoint_changes_total = 0
 
     # -- input -------------------------------------------------------------------------------
     @property
@@ -136,13 +133,11 @@ class ProxyState:
                 self._reject("Service", svc.metadata, str(exc))
         else:
             self.rejected.pop(f"Service {key}", None)
-        self.service_changes_total += 1
         return self._service_changes.set(key, ports)
 
     def on_endpoint_slice(self, key: tuple[str, str], es: objects.EndpointSlice | None) -> bool:
         """An EndpointSlice (namespace, name) is now ``es`` (None: deleted)."""
         content = None
-        self.endpoint_changes_total += 1
         ident = f"EndpointSlice {key[0]}/{key[1]}"
         if es is not None:
             try:
