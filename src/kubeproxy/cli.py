@@ -433,16 +433,16 @@ class Loaded:
 
 
 def _load(cmd: CommandLine) -> Loaded:
+    config_file = Path(cmd.get("config")) if cmd.get("config") else None
     extra: dict[str, Any] = {
         "manifests": Path(cmd.get("manifests")) if cmd.get("manifests") else None,
         "master": cmd.get("master", ""),
         "cleanup": bool(cmd.get("cleanup", False)),
         "init_only": bool(cmd.get("init-only", False)),
-        "config_file": Path(cmd.get("config")) if cmd.get("config") else None,
+        "config_file": config_file,
     }
-    config_file = cmd.get("config")
-    if config_file:
-        raw = configfile.load(Path(config_file))
+    if config_file is not None:
+        raw = configfile.load(config_file)
         # Logging flags and --hostname-override win over the file (upstream copyLogsFromFlags and
         # processHostnameOverrideFlag); everything else in the document comes from the file.
         overrides = document_from_flags(cmd, logging_only=True)
@@ -460,9 +460,9 @@ def _load(cmd: CommandLine) -> Loaded:
         # Upstream applies the flags on top of the defaulted configuration, so a flag's zero value
         # stays zero (``--iptables-min-sync-period=0s`` means "sync at once", and an empty
         # ``--metrics-bind-address`` disables the server), unlike the same zero in a file.
-        raw = configfile.parse_document(document_from_flags(cmd), source="flags")
-        defaults = configfile.KubeProxyConfiguration().defaulted().document()
-        effective = _merge(configfile.parse_document(defaults), document_from_flags(cmd))
+        flags = document_from_flags(cmd)
+        raw = configfile.parse_document(flags, source="flags")
+        effective = _merge(configfile.KubeProxyConfiguration().defaulted(), flags)
         for port_flag, key, default_port in (
             ("healthz-port", "healthz_bind_address", configfile.HEALTHZ_PORT),
             ("metrics-port", "metrics_bind_address", configfile.METRICS_PORT),
@@ -476,7 +476,7 @@ def _load(cmd: CommandLine) -> Loaded:
     return Loaded(cfg, raw, effective)
 
 
-def _attribute(message: str, config_file: str | None) -> str:
+def _attribute(message: str, config_file: Path | None) -> str:
     """Say where a bad value came from: the file, or the flag that set the field."""
     if config_file:
         return f"--config {config_file}: {message}"
