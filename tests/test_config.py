@@ -106,6 +106,8 @@ def test_an_unset_mode_takes_the_iptables_section_as_upstream_does(tmp_path: Pat
         ("conntrack: {min: -1}\n", ["conntrack.min", "-1"]),
         ("healthzBindAddress: 'localhost:10256'\n", ["healthzBindAddress", "localhost:10256"]),
         ("metricsBindAddress: '::1:10249'\n", ["metricsBindAddress", "brackets"]),
+        ("metricsBindAddress: '[127.0.0.1]:10249'\n", ["metricsBindAddress", "brackets"]),  # the server would refuse it
+        ("healthzBindAddress: ':10256'\n", ["healthzBindAddress", "no IP"]),
         ("bindAddress: nowhere\n", ["bindAddress", "nowhere"]),
         ("clusterCIDR: 10.0.0.0/33\n", ["clusterCIDR", "10.0.0.0/33"]),
         ("nodePortAddresses: [everywhere]\n", ["nodePortAddresses", "everywhere"]),

@@ -39,6 +39,7 @@ from kubeproxy.config import (
     parse_cluster_cidrs,
     parse_nodeport_addresses,
 )
+from kubeproxy.servers.threaded import parse_bind_address
 
 API_VERSION = "kubeproxy.config.k8s.io/v1alpha1"
 KIND = "KubeProxyConfiguration"
@@ -419,18 +420,15 @@ _MODES = {"": "nftables", "nftables": "nftables", "iptables": "iptables", "ipvs"
 
 
 def split_host_port(value: str, *, name: str) -> tuple[str, int]:
-    """``IP:port`` or ``[IPv6]:port`` (upstream's ipport flag type); the IP must be literal."""
-    host, sep, port_text = value.rpartition(":")
-    if not sep or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
-        raise ConfigError(f"{name}: {value!r} must be IP:port (e.g. 0.0.0.0:10256 or [::]:10256)")
-    bracketed = host.startswith("[") and host.endswith("]")
+    """``IP:port`` or ``[IPv6]:port`` (upstream's ipport type), parsed as the servers will bind it
+    (``servers.threaded.parse_bind_address``); the IP must be given, as upstream validation wants."""
     try:
-        ip = ipaddress.ip_address(host[1:-1] if bracketed else host)
+        ip, port = parse_bind_address(value)
     except ValueError as exc:
-        raise ConfigError(f"{name}: {value!r} must be IP:port (e.g. 0.0.0.0:10256 or [::]:10256)") from exc
-    if ip.version == 6 and not bracketed:
-        raise ConfigError(f"{name}: {value!r}: an IPv6 address needs brackets, e.g. [::]:10256")
-    return str(ip), int(port_text)
+        raise ConfigError(f"{name}: {exc} (e.g. 0.0.0.0:10256 or [::]:10256)") from exc
+    if value.startswith(":"):
+        raise ConfigError(f"{name}: {value!r} has no IP (e.g. 0.0.0.0:10256 or [::]:10256)")
+    return ip, port
 
 
 def _check_duration(seconds: float, name: str, *, positive: bool) -> None:
