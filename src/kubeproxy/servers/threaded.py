@@ -230,11 +230,6 @@ class ThreadedHTTPServer:
 
     # -- any thread --------------------------------------------------------------------------------
     @property
-    def bound_addresses(self) -> tuple[tuple[str, int], ...]:
-        """(host, port) of every listening socket; empty while not listening."""
-        return self._bound
-
-    @property
     def bound_port(self) -> int | None:
         """The port listened on (useful when bound to port 0); None while not listening."""
         return self._bound[0][1] if self._bound else None
