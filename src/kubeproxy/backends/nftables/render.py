@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from kubeproxy.backends.nftables import names
+from kubeproxy.backends.options import ProxyOptions
 from kubeproxy.model.endpoint import Endpoint
 from kubeproxy.model.service import IPFamily, NamespacedName, ServicePort, ServicePortName, family_of
 from kubeproxy.state.topology import NodeTopology, categorize
@@ -64,17 +65,8 @@ _LOOPBACK = {IPFamily.V4: "127.0.0.0/8", IPFamily.V6: "::1"}
 
 
 @dataclass(frozen=True, slots=True)
-class NftOptions:
-    """Backend settings for one IP family (one table)."""
-
-    family: IPFamily = IPFamily.V4
-    masquerade_bit: int = 14
-    masquerade_all: bool = False
-    # Local-traffic detection (upstream detectLocalMode), at most one of the two:
-    cluster_cidrs: tuple[str, ...] = ()  # by source CIDR: ClusterCIDR, or NodeCIDR once resolved (for_node)
-    local_interface: str = ""  # by input interface: "cbr0" (BridgeInterface) or "veth*" (InterfaceNamePrefix)
-    node_cidr: bool = False  # NodeCIDR: cluster_cidrs are this Node's spec.podCIDRs of this family
-    nodeport_addresses: tuple[str, ...] = ()  # --nodeport-addresses: CIDRs and keywords; () means "primary"
+class NftOptions(ProxyOptions):
+    """Backend settings for one IP family (one table); nft syntax on top of ``ProxyOptions``."""
 
     @property
     def nft_family(self) -> str:
@@ -91,14 +83,7 @@ class NftOptions:
 
     @property
     def mark(self) -> str:
-        return f"0x{1 << self.masquerade_bit:08x}"
-
-    def for_node(self, pod_cidrs: Sequence[str]) -> NftOptions:
-        """The options in force for a Node: NodeCIDR detection takes the Node's pod CIDRs of this family."""
-        if not self.node_cidr:
-            return self
-        mine = tuple(c for c in pod_cidrs if family_of(c.split("/")[0]) is self.family)
-        return self if mine == self.cluster_cidrs else replace(self, cluster_cidrs=mine)
+        return f"0x{self.mark_value:08x}"
 
     def local_match(self, *, local: bool) -> str | None:
         """Match for pod (local) traffic, or its negation; None when local traffic is undetectable."""
@@ -109,32 +94,6 @@ class NftOptions:
             return None
         cidrs = self.cluster_cidrs[0] if len(self.cluster_cidrs) == 1 else "{ " + ", ".join(self.cluster_cidrs) + " }"
         return f"{self.ip} saddr {cidrs}" if local else f"{self.ip} saddr != {cidrs}"
-
-    @property
-    def nodeport_spec(self) -> tuple[str, ...]:
-        """--nodeport-addresses as given, or nftables mode's default ("primary")."""
-        return self.nodeport_addresses or ("primary",)
-
-    @property
-    def nodeport_cidrs(self) -> tuple[str, ...]:
-        """nodePortAddresses CIDRs of this family ("primary" is resolved per Node by nodeport_addresses)."""
-        out: list[str] = []
-        for item in self.nodeport_addresses:
-            if item == "all":
-                out.append("0.0.0.0/0" if self.family is IPFamily.V4 else "::/0")
-            elif item == "localhost":
-                out.append("127.0.0.0/8" if self.family is IPFamily.V4 else "::1/128")
-            elif item != "primary" and family_of(item.split("/")[0]) is self.family:
-                out.append(item)
-        return tuple(out)
-
-    @property
-    def nodeport_match_all(self) -> bool:
-        """NodePorts on every local address (upstream: no CIDR of this family given, or a /0)."""
-        cidrs = self.nodeport_cidrs
-        if any(ipaddress.ip_network(c).prefixlen == 0 for c in cidrs):
-            return True
-        return not cidrs and "primary" not in self.nodeport_spec
 
 
 Element = tuple[str, str, str | None]  # (set or map name, key text, value text or None for sets)
@@ -264,24 +223,10 @@ def nodeport_addresses(
 ) -> tuple[str, ...]:
     """The ``nodeport-ips`` of this family (empty when NodePorts match every local address).
 
-    ``primary`` (nftables' default) is the Node's first address of this family; CIDRs select the
-    node's interface addresses inside them. Loopback addresses never qualify in nftables mode
-    (upstream serves localhost NodePorts only in iptables mode, through route_localnet).
+    Loopback addresses never qualify in nftables mode (upstream serves localhost NodePorts only in
+    iptables mode, through route_localnet).
     """
-    if opts.nodeport_match_all:
-        return ()
-    mine = [a for a in node_addresses if family_of(a) is opts.family]
-    out: list[str] = []
-    if "primary" in opts.nodeport_spec and mine:
-        out.append(mine[0])
-    nets = [ipaddress.ip_network(c) for c in opts.nodeport_cidrs]
-    for candidate in (*interface_addresses, *mine):
-        if family_of(candidate) is not opts.family:
-            continue
-        ip = ipaddress.ip_address(candidate)
-        if not ip.is_loopback and any(ip in net for net in nets):
-            out.append(candidate)
-    return tuple(dict.fromkeys(out))
+    return opts.nodeport_ips(node_addresses, interface_addresses)
 
 
 def render_static_elements(

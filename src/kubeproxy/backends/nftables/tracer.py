@@ -18,37 +18,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from kubeproxy.backends.nftables.render import Ruleset
+from kubeproxy.backends.trace import DROP, REJECT, Packet, TraceError, TraceResult, target_text
 
-REJECT = "REJECT"
-DROP = "DROP"
-
-
-class TraceError(Exception):
-    """The ruleset contains a shape the tracer does not model."""
-
-
-@dataclass(frozen=True, slots=True)
-class Packet:
-    source: str
-    protocol: str  # "tcp" | "udp" | "sctp"
-    destination: str
-    port: int
-    # Input interface, for interface-based local detection; host-originated packets have none.
-    # None: unknown (a rule that asks is a TraceError).
-    iif: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class TraceResult:
-    """``output`` is "ip:port, ip:port" (sorted), REJECT, DROP, or "" (not touched by us).
-
-    ``masquerade`` is True if the packet is masqueraded toward ANY of its possible targets (hairpin
-    masquerading differs per target: only a pod that lands on itself is masqueraded).
-    """
-
-    output: str
-    masquerade: bool
-    matched: tuple[str, ...] = ()  # "chain: rule" lines that matched, for explain/debugging
+__all__ = ["DROP", "REJECT", "Packet", "TraceError", "TraceResult", "trace"]
 
 
 @dataclass
@@ -185,10 +157,6 @@ def _vmap(ctx: _Ctx, verdict: str | None, depth: int) -> str | None:
     return _statement(ctx, verdict, depth)
 
 
-def _target_text(ip: str, port: int) -> str:
-    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
-
-
 def trace(ruleset: Ruleset, packet: Packet, node_ips: Sequence[str]) -> TraceResult:
     local = frozenset(node_ips)
     host_originated = packet.source in local
@@ -217,5 +185,5 @@ def trace(ruleset: Ruleset, packet: Packet, node_ips: Sequence[str]) -> TraceRes
         if _run_chain(ctx, "nat-postrouting") == "masquerade":
             masq = True
         ctx.mark = saved_mark
-    output = ", ".join(_target_text(ip, port) for ip, port in targets)
+    output = ", ".join(target_text(ip, port) for ip, port in targets)
     return TraceResult(output, masq, tuple(ctx.matched))
