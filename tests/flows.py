@@ -262,6 +262,9 @@ class Flow:
     lab: bool = True  # also run with real packets (needs a route from the source in the lab)
     family: IPFamily = V4
     variant: str = ""  # proxy options other than the default (OPTION_VARIANTS)
+    # What iptables mode answers instead, (output, masquerade), where upstream's two layouts differ on
+    # purpose (reference/upstream.md section 4.6); None: the same answer in every mode.
+    iptables: tuple[str, bool] | None = None
 
     @property
     def id(self) -> str:
@@ -282,8 +285,12 @@ BASIC_FLOWS = [
     Flow("pod to ClusterIP without endpoints", POD_CLIENT, "tcp", "10.96.0.30", 80, "REJECT", False),
     Flow("node to ClusterIP without endpoints", NODE_IP, "tcp", "10.96.0.30", 80, "REJECT", False),
     Flow("outside to NodePort without endpoints", OUTSIDE, "tcp", NODE_IP, 30040, "REJECT", False),
-    Flow("pod to ClusterIP on an undefined port", POD_CLIENT, "tcp", "10.96.0.10", 81, "REJECT", False),
-    Flow("pod to ClusterIP over UDP (TCP-only Service)", POD_CLIENT, "udp", "10.96.0.10", 80, "REJECT", False),
+    # nftables mode rejects ports no Service defines on a ClusterIP (cluster-ips-check); iptables
+    # mode leaves such packets alone.
+    Flow("pod to ClusterIP on an undefined port", POD_CLIENT, "tcp", "10.96.0.10", 81, "REJECT", False,
+         iptables=("", False)),
+    Flow("pod to ClusterIP over UDP (TCP-only Service)", POD_CLIENT, "udp", "10.96.0.10", 80, "REJECT", False,
+         iptables=("", False)),
     Flow("pod to ExternalIP", POD_CLIENT, "tcp", "198.51.100.50", 80, C, True),
     Flow("outside to ExternalIP", OUTSIDE, "tcp", "198.51.100.50", 80, C, True),
     Flow("outside (in sourceRanges) to LB IP", OUTSIDE, "tcp", "198.51.100.60", 80, C, True),
@@ -353,18 +360,33 @@ def flows(family: IPFamily, table: list[Flow] | None = None) -> list[Flow]:
             destination=v6(f.destination),
             output=_translate_output(f.output),
             family=V6,
+            # IPv6 has no localhost NodePorts in any mode.
+            iptables=_v6_iptables(f),
         )
         for f in table
     ]
 
 
+def _v6_iptables(flow: Flow) -> tuple[str, bool] | None:
+    if flow.iptables is None or flow.destination == "127.0.0.1":
+        return None
+    return (_translate_output(flow.iptables[0]), flow.iptables[1])
+
+
+def expected(flow: Flow, mode: str) -> tuple[str, bool]:
+    """(output, masquerade) the flow must give in ``mode`` ("nftables" or "iptables")."""
+    if mode == "iptables" and flow.iptables is not None:
+        return flow.iptables
+    return (flow.output, flow.masquerade)
+
+
 ALL_FLOWS = [f for family in FAMILIES for f in flows(family)]
 
 
-def expected_pods(flow: Flow) -> set[str]:
-    """Pod names behind a flow's output ("ip:port, ..." in either family)."""
+def expected_pods(flow: Flow, output: str | None = None) -> set[str]:
+    """Pod names behind a flow's output ("ip:port, ..." in either family), or behind ``output``."""
     names = {addr(ip, flow.family): name for ip, name in PODS.items()}
-    return {names[t.strip().rsplit(":", 1)[0].strip("[]")] for t in flow.output.split(",")}
+    return {names[t.strip().rsplit(":", 1)[0].strip("[]")] for t in (output or flow.output).split(",")}
 
 
 # --- proxy options: local-traffic detection, masqueradeAll, nodePortAddresses ---------------------
@@ -388,9 +410,11 @@ OPTION_VARIANTS: dict[str, dict[str, Any]] = {
 NODE_POD_CIDR = "10.244.1.0/26"  # NodeCIDR variant: pods a, b, c are inside, the client pod (.100) is not
 
 
-def variant_options(variant: str, family: IPFamily) -> Any:
+def variant_options(variant: str, family: IPFamily, cls: Any = None) -> Any:
+    """The options of a variant for one family, as ``cls`` (a ProxyOptions subclass; NftOptions by default)."""
     from kubeproxy.backends.nftables.render import NftOptions
 
+    cls = cls or NftOptions
     fields = dict(OPTION_VARIANTS[variant])
     if "cluster_cidrs" in fields:
         fields["cluster_cidrs"] = tuple(addr(c, family) for c in fields["cluster_cidrs"])
@@ -398,7 +422,7 @@ def variant_options(variant: str, family: IPFamily) -> Any:
         fields["nodeport_addresses"] = tuple(
             a if a in ("all", "primary", "localhost") else addr(a, family) for a in fields["nodeport_addresses"]
         )
-    return NftOptions(family=family, **fields)
+    return cls(family=family, **fields)
 
 
 def variant_objects(variant: str, family: IPFamily) -> list[objects.KubeObject]:
@@ -444,7 +468,9 @@ OPTION_FLOWS = [
         Flow("outside to NodePort without endpoints", OUTSIDE, "tcp", SECOND_NODE_IP, 30040, "REJECT", False),
         # Tracer only: with route_localnet=0 the kernel drops such packets after DNAT anyway, so real
         # packets could not tell a rule that matched loopback from one that did not.
-        Flow("node to NodePort on loopback: never", NODE_IP, "tcp", "127.0.0.1", 30080, "", False, False),
+        # iptables mode answers on 127.0.0.1 (localhostNodePorts, IPv4 only); nftables mode never.
+        Flow("node to NodePort on loopback", NODE_IP, "tcp", "127.0.0.1", 30080, "", False, False,
+             iptables=(C, True)),
     ]),
     *_variant("nodePortAddresses CIDR", [
         Flow("outside to NodePort on an IP in the CIDR", OUTSIDE, "tcp", SECOND_NODE_IP, 30080, C, True),

@@ -33,7 +33,7 @@ def write(tmp_path: Path, body: str, name: str = "config.conf") -> Path:
 
 def test_a_kubeadm_config_map_loads_unchanged_with_upstream_defaults() -> None:
     cfg = load_config([f"--config={KUBEADM}"])
-    assert cfg.mode is ProxyMode.NFTABLES  # mode "" (upstream: iptables, not implemented here yet)
+    assert cfg.mode is ProxyMode.NFTABLES  # mode "": our default (upstream's is iptables)
     assert cfg.kubeconfig == "/var/lib/kube-proxy/kubeconfig.conf"
     assert cfg.cluster_cidrs == ("10.244.0.0/16",)
     assert cfg.detect_local_mode is DetectLocalMode.CLUSTER_CIDR
@@ -98,7 +98,7 @@ def test_an_unset_mode_takes_the_iptables_section_as_upstream_does(tmp_path: Pat
         ("clientConnection: {burst: 1.5}\n", ["clientConnection.burst", "1.5"]),
         ("mode: a\nmode: b\n", ["duplicate field 'mode'", "line 4"]),
         ("mode: userspace\n", ["mode", "'userspace'"]),
-        ("mode: iptables\n", ["mode", "iptables", "not implemented yet"]),
+        ("mode: ipvs\n", ["mode", "ipvs", "not implemented yet"]),
         ("mode: nftables\nnftables: {masqueradeBit: 32}\n", ["nftables.masqueradeBit", "32"]),
         ("mode: nftables\nnftables: {syncPeriod: -1s}\n", ["nftables.syncPeriod", "-1s"]),
         ("iptables: {minSyncPeriod: -2s}\n", ["iptables.minSyncPeriod", "-2s"]),  # mode "": iptables section

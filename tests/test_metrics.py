@@ -1,7 +1,10 @@
 """ProxyMetrics against upstream's metric inventory: names, types, label names, help, buckets, as the
-text exposition shows them; Go number formatting; and the trigger-time -> latency helper."""
+text exposition shows them, per proxy mode; Go number formatting; and the trigger-time -> latency
+helper."""
 
 from __future__ import annotations
+
+import enum
 
 import pytest
 from prometheus_client import REGISTRY, CollectorRegistry, Gauge
@@ -9,10 +12,14 @@ from prometheus_client import REGISTRY, CollectorRegistry, Gauge
 from exposition import Exposition
 from kubeproxy.model.service import IPFamily
 from kubeproxy.observe.metrics import (
+    COMMON_FAMILIES,
     CONTENT_TYPE,
     LAST_CHANGE_TRIGGER_TIME,
+    METRIC_FAMILIES,
+    MODE_FAMILIES,
     ProxyMetrics,
     SLIMetrics,
+    families_for,
     family_label,
     go_float,
     network_programming_durations,
@@ -78,16 +85,6 @@ UPSTREAM: dict[str, tuple[str, frozenset[str], str]] = {
         frozenset({"ip_family", "traffic_policy"}),
         "[ALPHA] Number of services with a Local traffic policy and no endpoints",
     ),
-    "kubeproxy_sync_proxy_rules_nftables_sync_failures_total": (
-        "counter",
-        frozenset({"ip_family"}),
-        "[ALPHA] Cumulative proxy nftables sync failures",
-    ),
-    "kubeproxy_sync_proxy_rules_nftables_cleanup_failures_total": (
-        "counter",
-        frozenset({"ip_family"}),
-        "[ALPHA] Cumulative proxy nftables cleanup failures",
-    ),
     "kubeproxy_conntrack_reconciler_sync_duration_seconds": (
         "histogram",
         frozenset({"ip_family"}),
@@ -101,6 +98,42 @@ UPSTREAM: dict[str, tuple[str, frozenset[str], str]] = {
     "kubeproxy_proxy_healthz_total": ("counter", frozenset({"code"}), "[ALPHA] Cumulative proxy healthz HTTP status"),
     "kubeproxy_proxy_livez_total": ("counter", frozenset({"code"}), "[ALPHA] Cumulative proxy livez HTTP status"),
 }
+# Registered only in the mode in force (upstream's RegisterMetrics(mode)).
+UPSTREAM_NFTABLES: dict[str, tuple[str, frozenset[str], str]] = {
+    "kubeproxy_sync_proxy_rules_nftables_sync_failures_total": (
+        "counter",
+        frozenset({"ip_family"}),
+        "[ALPHA] Cumulative proxy nftables sync failures",
+    ),
+    "kubeproxy_sync_proxy_rules_nftables_cleanup_failures_total": (
+        "counter",
+        frozenset({"ip_family"}),
+        "[ALPHA] Cumulative proxy nftables cleanup failures",
+    ),
+}
+UPSTREAM_IPTABLES: dict[str, tuple[str, frozenset[str], str]] = {
+    "kubeproxy_sync_proxy_rules_iptables_restore_failures_total": (
+        "counter",
+        frozenset({"ip_family"}),
+        "[ALPHA] Cumulative proxy iptables restore failures",
+    ),
+    "kubeproxy_sync_proxy_rules_iptables_partial_restore_failures_total": (
+        "counter",
+        frozenset({"ip_family"}),
+        "[ALPHA] Cumulative proxy iptables partial restore failures",
+    ),
+    "kubeproxy_sync_proxy_rules_iptables_total": (
+        "gauge",
+        frozenset({"ip_family", "table"}),
+        "[ALPHA] Total number of iptables rules owned by kube-proxy",
+    ),
+    "kubeproxy_sync_proxy_rules_iptables_last": (
+        "gauge",
+        frozenset({"ip_family", "table"}),
+        "[ALPHA] Number of iptables rules written by kube-proxy in last sync",
+    ),
+}
+UPSTREAM_BY_MODE = {"nftables": UPSTREAM_NFTABLES, "iptables": UPSTREAM_IPTABLES}
 
 # prometheus.ExponentialBuckets(0.001, 2, 15), as Go prints the le label.
 SYNC_LE = [
@@ -139,9 +172,9 @@ def exposition(metrics: ProxyMetrics) -> Exposition:
     return Exposition(body.decode())
 
 
-def exercised() -> ProxyMetrics:
-    """Every recording call made once, so every family has a series."""
-    m = ProxyMetrics([IPFamily.V4, IPFamily.V6], process_collectors=False)
+def exercised(mode: str = "nftables") -> ProxyMetrics:
+    """Every recording call made once, so every family of ``mode`` has a series."""
+    m = ProxyMetrics([IPFamily.V4, IPFamily.V6], mode=mode, process_collectors=False)
     m.observe_sync(IPFamily.V4, full=True, seconds=0.02)
     m.observe_sync(IPFamily.V6, full=False, seconds=0.003)
     m.sync_succeeded(IPFamily.V4, 1_763_712_000.5)
@@ -150,26 +183,124 @@ def exercised() -> ProxyMetrics:
     m.set_pending(endpoints=3, services=1)
     m.add_changes(endpoints=5, services=2)
     m.set_no_local_endpoints(IPFamily.V4, internal=1, external=2)
-    m.sync_failed(IPFamily.V6)
+    m.sync_failed(IPFamily.V6, partial=True)
     m.cleanup_failed(IPFamily.V4)
+    m.set_iptables_rules(IPFamily.V4, total={"filter": 7, "nat": 40}, written={"filter": 7, "nat": 12})
     m.observe_conntrack(IPFamily.V4, seconds=0.01, deleted=4)
     m.count_health("/healthz", 200)
     m.count_health("livez", 503)
     return m
 
 
-def test_every_upstream_family_with_its_type_labels_and_help() -> None:
-    exp = exposition(exercised())
+@pytest.mark.parametrize("mode", ["nftables", "iptables"])
+def test_every_upstream_family_with_its_type_labels_and_help(mode: str) -> None:
+    exp = exposition(exercised(mode))
+    expected = UPSTREAM | UPSTREAM_BY_MODE[mode]
     ours = {name for name in exp.types if name.startswith("kubeproxy_")}
-    assert ours == set(UPSTREAM)
-    for name, (mtype, labels, help_text) in UPSTREAM.items():
+    assert ours == set(expected)  # and so none of the other mode's families
+    for name, (mtype, labels, help_text) in expected.items():
         assert exp.types[name] == mtype, name
         assert exp.label_names(name) == labels, name
         assert exp.helps[name] == help_text, name
 
 
-def test_no_openmetrics_extras_and_no_empty_families() -> None:
-    exp = exposition(ProxyMetrics([IPFamily.V4], process_collectors=False))
+def test_the_declared_families_are_upstreams_per_mode() -> None:
+    assert MODE_FAMILIES.keys() == UPSTREAM_BY_MODE.keys()
+    assert {f.name for f in COMMON_FAMILIES} == set(UPSTREAM)
+    for mode, upstream in UPSTREAM_BY_MODE.items():
+        assert {f.name for f in MODE_FAMILIES[mode]} == set(upstream), mode
+        assert families_for(mode) == COMMON_FAMILIES + MODE_FAMILIES[mode]
+    assert {f.name for f in METRIC_FAMILIES} == set(UPSTREAM) | set(UPSTREAM_NFTABLES) | set(UPSTREAM_IPTABLES)
+    assert len({f.name for f in METRIC_FAMILIES}) == len(METRIC_FAMILIES)
+
+
+class Mode(enum.StrEnum):  # as kubeproxy.config.ProxyMode, without importing the config layer
+    NFTABLES = "nftables"
+    IPTABLES = "iptables"
+
+
+@pytest.mark.parametrize("mode", ["nftables", Mode.NFTABLES, "iptables", Mode.IPTABLES])
+def test_mode_is_taken_as_a_string_or_a_proxy_mode(mode: str) -> None:
+    m = ProxyMetrics([IPFamily.V4], mode=mode, process_collectors=False)
+    assert m.mode == str(mode)
+    assert type(m.mode) is str
+    assert ProxyMetrics([IPFamily.V4], process_collectors=False).mode == "nftables"
+
+
+@pytest.mark.parametrize("mode", ["ipvs", "kernelspace", "", "NFTABLES", "nft"])
+def test_unknown_modes_are_refused(mode: str) -> None:
+    with pytest.raises(ValueError, match="proxy mode"):
+        ProxyMetrics([IPFamily.V4], mode=mode, process_collectors=False)
+    with pytest.raises(ValueError):
+        families_for(mode)
+
+
+def test_iptables_sync_failures_count_restores_and_partial_restores() -> None:
+    m = ProxyMetrics([IPFamily.V4, IPFamily.V6], mode="iptables", process_collectors=False)
+    restore = "kubeproxy_sync_proxy_rules_iptables_restore_failures_total"
+    partial = "kubeproxy_sync_proxy_rules_iptables_partial_restore_failures_total"
+    m.sync_failed(IPFamily.V4)  # a full sync: not a partial restore failure
+    exp = exposition(m)
+    assert exp.value(restore, ip_family="IPv4") == 1
+    assert partial not in exp.types  # no series yet, as Go's vectors
+    m.sync_failed(IPFamily.V4, partial=True)
+    m.sync_failed(IPFamily.V6, partial=True)
+    m.sync_failed(IPFamily.V4, partial=False)
+    exp = exposition(m)
+    assert exp.value(restore, ip_family="IPv4") == 3
+    assert exp.value(restore, ip_family="IPv6") == 1
+    assert exp.value(partial, ip_family="IPv4") == 1
+    assert exp.value(partial, ip_family="IPv6") == 1
+    # Cleanup failures are nftables-only: a no-op here, and still no nftables family.
+    m.cleanup_failed(IPFamily.V4)
+    exp = exposition(m)
+    assert not [name for name in exp.types if "nftables" in name]
+    with pytest.raises(ValueError):
+        m.cleanup_failed(5)
+
+
+def test_nftables_sync_failures_ignore_partial_and_iptables_rules_are_a_no_op() -> None:
+    m = ProxyMetrics([IPFamily.V4], process_collectors=False)
+    m.sync_failed(IPFamily.V4)
+    m.sync_failed(IPFamily.V4, partial=True)
+    m.set_iptables_rules(IPFamily.V4, total={"filter": 3, "nat": 9}, written={"nat": 2})
+    exp = exposition(m)
+    assert exp.value("kubeproxy_sync_proxy_rules_nftables_sync_failures_total", ip_family="IPv4") == 2
+    assert not [name for name in exp.types if "iptables" in name]
+
+
+def test_iptables_rule_counts_per_table_and_family() -> None:
+    m = ProxyMetrics([IPFamily.V4, IPFamily.V6], mode="iptables", process_collectors=False)
+    total, last = "kubeproxy_sync_proxy_rules_iptables_total", "kubeproxy_sync_proxy_rules_iptables_last"
+    m.set_iptables_rules(IPFamily.V4, total={"filter": 7, "nat": 40}, written={"filter": 7, "nat": 40})
+    m.set_iptables_rules("IPv6", total={"filter": 5, "nat": 20}, written={"filter": 5, "nat": 20})
+    # A partial sync rewrites fewer nat rules than kube-proxy owns.
+    m.set_iptables_rules(IPFamily.V4, total={"filter": 8, "nat": 44}, written={"filter": 8, "nat": 6})
+    exp = exposition(m)
+    assert exp.value(total, ip_family="IPv4", table="filter") == 8
+    assert exp.value(total, ip_family="IPv4", table="nat") == 44
+    assert exp.value(last, ip_family="IPv4", table="filter") == 8
+    assert exp.value(last, ip_family="IPv4", table="nat") == 6
+    assert exp.value(total, ip_family="IPv6", table="filter") == 5
+    assert exp.value(total, ip_family="IPv6", table="nat") == 20
+    assert exp.value(last, ip_family="IPv6", table="nat") == 20
+    assert len([s for s in exp.samples if s[0] in (total, last)]) == 8
+    # Only the tables given are set.
+    m.set_iptables_rules(IPFamily.V4, total={"nat": 45}, written={})
+    exp = exposition(m)
+    assert exp.value(total, ip_family="IPv4", table="nat") == 45
+    assert exp.value(total, ip_family="IPv4", table="filter") == 8
+    assert exp.value(last, ip_family="IPv4", table="nat") == 6
+    assert 'kubeproxy_sync_proxy_rules_iptables_last{ip_family="IPv4",table="filter"} 8\n' in exp.text
+    with pytest.raises(ValueError):
+        m.set_iptables_rules(IPFamily.V4, total={"nat": -1}, written={})
+    with pytest.raises(ValueError):
+        m.set_iptables_rules(5, total={"nat": 1}, written={})
+
+
+@pytest.mark.parametrize("mode", ["nftables", "iptables"])
+def test_no_openmetrics_extras_and_no_empty_families(mode: str) -> None:
+    exp = exposition(ProxyMetrics([IPFamily.V4], mode=mode, process_collectors=False))
     assert "_created" not in exp.text
     # Unlabelled families exist from the start at 0 (Go registers plain counters/gauges that way);
     # labelled ones appear with their first series, as Go's vectors do.
@@ -180,7 +311,7 @@ def test_no_openmetrics_extras_and_no_empty_families() -> None:
         "kubeproxy_sync_proxy_rules_service_changes_total",
     }
     assert exp.value("kubeproxy_sync_proxy_rules_endpoint_changes_total") == 0
-    assert "_created" not in exposition(exercised()).text
+    assert "_created" not in exposition(exercised(mode)).text
 
 
 def test_histogram_buckets_as_upstream_prints_them() -> None:
@@ -243,6 +374,11 @@ def test_recorded_values_land_in_the_right_series() -> None:
     assert exp.value("kubeproxy_conntrack_reconciler_deleted_entries_total", ip_family="IPv4") == 4
     assert exp.value("kubeproxy_proxy_healthz_total", code="200") == 1
     assert exp.value("kubeproxy_proxy_livez_total", code="503") == 1
+    iptables = exposition(exercised("iptables"))
+    assert iptables.value("kubeproxy_sync_proxy_rules_iptables_restore_failures_total", ip_family="IPv6") == 1
+    assert iptables.value("kubeproxy_sync_proxy_rules_iptables_partial_restore_failures_total", ip_family="IPv6") == 1
+    assert iptables.value("kubeproxy_sync_proxy_rules_iptables_total", ip_family="IPv4", table="nat") == 40
+    assert iptables.value("kubeproxy_sync_proxy_rules_iptables_last", ip_family="IPv4", table="nat") == 12
 
 
 def test_conntrack_counter_exists_after_a_reconcile_that_deleted_nothing() -> None:

@@ -27,7 +27,7 @@ class ProxyMode(enum.StrEnum):
     IPVS = "ipvs"
 
 
-IMPLEMENTED_MODES = (ProxyMode.NFTABLES,)
+IMPLEMENTED_MODES = (ProxyMode.NFTABLES, ProxyMode.IPTABLES)
 
 
 class DetectLocalMode(enum.StrEnum):
@@ -69,10 +69,11 @@ class ProxyConfig:
     detect_local_mode: DetectLocalMode = DetectLocalMode.CLUSTER_CIDR
     pod_bridge_interface: str = ""
     pod_interface_name_prefix: str = ""
-    nodeport_addresses: tuple[str, ...] = ()  # CIDRs and keywords; empty: nftables' default ("primary")
+    nodeport_addresses: tuple[str, ...] = ()  # CIDRs and keywords; empty: the mode's default (nftables: primary)
     conntrack: ConntrackConfig = ConntrackConfig()
     masquerade_all: bool = False
     masquerade_bit: int = 14
+    localhost_nodeports: bool = True  # iptables mode: NodePorts also on 127.0.0.1 (route_localnet)
     min_sync_period: float = 1.0
     sync_period: float = 30.0
     full_sync_period: float = 3600.0

@@ -485,7 +485,8 @@ def resolve(cfg: KubeProxyConfiguration, **extra: Any) -> ProxyConfig:
     if mode is None:
         raise ConfigError(f"mode: unknown proxy mode {cfg.mode!r} (nftables, iptables, ipvs)")
     if mode not in (m.value for m in IMPLEMENTED_MODES):
-        raise ConfigError(f"mode: {mode} is not implemented yet (implemented: nftables)")
+        implemented = ", ".join(m.value for m in IMPLEMENTED_MODES)
+        raise ConfigError(f"mode: {mode} is not implemented yet (implemented: {implemented})")
     # Upstream's conversion takes masqueradeAll/Bit and the sync periods from the section of the mode
     # in force; an unset mode is upstream's iptables mode, so its settings live under ``iptables``
     # (we run nftables then, with the settings the file's author wrote for it).
@@ -548,6 +549,7 @@ def resolve(cfg: KubeProxyConfiguration, **extra: Any) -> ProxyConfig:
         ),
         masquerade_all=section.masquerade_all,
         masquerade_bit=bit,
+        localhost_nodeports=cfg.iptables.localhost_node_ports is not False,
         min_sync_period=section.min_sync_period,
         sync_period=section.sync_period,
         verbosity=cfg.logging.verbosity,

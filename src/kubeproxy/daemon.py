@@ -20,13 +20,17 @@ from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
+from kubeproxy.backends.base import Backend
 from kubeproxy.backends.conntrack import CleanupResult, ConntrackReconciler
+from kubeproxy.backends.iptables.backend import IptablesBackend, cleanup_leftovers
+from kubeproxy.backends.iptables.render import IptOptions
 from kubeproxy.backends.nftables.backend import NftablesBackend
 from kubeproxy.backends.nftables.render import TABLE, NftOptions
 from kubeproxy.config import ConfigError, DetectLocalMode, ProxyConfig, ProxyMode
 from kubeproxy.kernel import nft as kernel_nft
 from kubeproxy.kernel.conntrack import Conntrack, ConntrackCli
 from kubeproxy.kernel.errors import KernelError
+from kubeproxy.kernel.iptables import Iptables, IptablesCli, available_modes, detect_mode
 from kubeproxy.kernel.netif import LocalAddresses
 from kubeproxy.kernel.nft import Nft, NftCli
 from kubeproxy.kernel.sysctl import ProcSysctl, Sysctl, SysctlError, apply_conntrack_sysctls, apply_oom_score_adj
@@ -53,7 +57,7 @@ AfterSync = Callable[[ProxyState, UpdateResult, bool], Awaitable[None]]
 
 
 def local_detection(cfg: ProxyConfig, family: IPFamily) -> dict[str, Any]:
-    """NftOptions fields for ``--detect-local-mode`` in one family."""
+    """Backend option fields for ``--detect-local-mode`` in one family."""
     mode = cfg.detect_local_mode
     if mode is DetectLocalMode.BRIDGE_INTERFACE:
         return {"local_interface": cfg.pod_bridge_interface}
@@ -65,38 +69,96 @@ def local_detection(cfg: ProxyConfig, family: IPFamily) -> dict[str, Any]:
 
 
 def build_backends(
-    cfg: ProxyConfig, nft: Nft, *, interface_addresses: Callable[[], Sequence[str]] | None = None
-) -> list[NftablesBackend]:
-    if cfg.mode is not ProxyMode.NFTABLES:
-        raise ConfigError(f"--proxy-mode={cfg.mode.value} is not implemented yet (nftables is)")
-    if "localhost" in cfg.nodeport_addresses:
-        log.warning("nodePortAddresses: nftables mode never accepts NodePorts on loopback addresses value=localhost")
+    cfg: ProxyConfig,
+    nft: Nft | None = None,
+    *,
+    iptables: Iptables | None = None,
+    interface_addresses: Callable[[], Sequence[str]] | None = None,
+    sysctl: Sysctl | None = None,
+) -> list[Backend]:
+    """One backend per IP family for ``cfg.mode``: nftables needs ``nft``, iptables ``iptables``
+    (and ``sysctl``, the node's, for route_localnet)."""
+    if cfg.mode not in (ProxyMode.NFTABLES, ProxyMode.IPTABLES):
+        raise ConfigError(f"--proxy-mode={cfg.mode.value} is not implemented yet (nftables and iptables are)")
     if cfg.detect_local_mode is DetectLocalMode.CLUSTER_CIDR and not cfg.cluster_cidrs:
         log.info("no --cluster-cidr: traffic from outside the cluster to ClusterIPs is not masqueraded")
-    backends = []
+    common: dict[str, Any] = {
+        "masquerade_bit": cfg.masquerade_bit,
+        "masquerade_all": cfg.masquerade_all,
+        "nodeport_addresses": cfg.nodeport_addresses,
+    }
+    backends: list[Backend] = []
+    if cfg.mode is ProxyMode.IPTABLES:
+        if iptables is None:
+            raise ConfigError("iptables mode needs an iptables adapter")
+        for family in (IPFamily.V4, IPFamily.V6):
+            ipt_opts = IptOptions(
+                family=family,
+                localhost_nodeports=cfg.localhost_nodeports,
+                tcp_be_liberal=cfg.conntrack.tcp_be_liberal,
+                **common,
+                **local_detection(cfg, family),
+            )
+            local = interface_addresses or LocalAddresses(netns=getattr(iptables, "netns", None))
+            backends.append(IptablesBackend(iptables, ipt_opts, interface_addresses=local, sysctl=sysctl))
+        return backends
+    if nft is None:
+        raise ConfigError("nftables mode needs an nft adapter")
+    if "localhost" in cfg.nodeport_addresses:
+        log.warning("nodePortAddresses: nftables mode never accepts NodePorts on loopback addresses value=localhost")
     for family in (IPFamily.V4, IPFamily.V6):
-        opts = NftOptions(
-            family=family,
-            masquerade_bit=cfg.masquerade_bit,
-            masquerade_all=cfg.masquerade_all,
-            nodeport_addresses=cfg.nodeport_addresses,
-            **local_detection(cfg, family),
-        )
+        opts = NftOptions(family=family, **common, **local_detection(cfg, family))
         local = interface_addresses or LocalAddresses(netns=getattr(nft, "netns", None))
         backends.append(NftablesBackend(nft, opts, interface_addresses=local))
     return backends
 
 
+def remove_other_modes(cfg: ProxyConfig, *, nft: Nft | None, iptables: Sequence[Iptables]) -> None:
+    """Upstream's cleanupLeftovers on start: the modes not in force leave nothing behind.
+
+    nftables mode removes the iptables layout (``iptables`` adapters: the detected backend, or the
+    ones given); iptables mode removes our nftables tables. Failures are logged, never fatal: the
+    rules of the mode in force are already programmed when this runs (after the first sync, so a
+    switch never leaves the node without rules)."""
+    if cfg.mode is ProxyMode.IPTABLES:
+        if nft is None:
+            return
+        for family in (IPFamily.V4, IPFamily.V6):
+            try:
+                if nft.delete_table(family.nft_family, TABLE):
+                    log.info("removed the nftables mode's table (switched to iptables) family=%s", family.nft_family)
+            except KernelError as exc:
+                log.warning("cannot remove nftables leftovers family=%s error=%r", family.nft_family, str(exc))
+        return
+    for ipt in iptables:
+        for family in (IPFamily.V4, IPFamily.V6):
+            try:
+                if cleanup_leftovers(ipt, family):
+                    log.info(
+                        "removed iptables mode leftovers (switched to %s) family=%s backend=%s",
+                        cfg.mode.value,
+                        family.nft_family,
+                        ipt.mode.value,
+                    )
+            except KernelError as exc:
+                log.warning(
+                    "cannot remove iptables leftovers family=%s backend=%s error=%r",
+                    family.nft_family,
+                    ipt.mode.value,
+                    str(exc),
+                )
+
+
 class Proxy:
     """State + backends + runner; fed by a source's changes."""
 
-    def __init__(self, cfg: ProxyConfig, backends: list[NftablesBackend]) -> None:
+    def __init__(self, cfg: ProxyConfig, backends: Sequence[Backend]) -> None:
         self.cfg = cfg
         self.state = ProxyState(node_name=cfg.node_name)
         self.backends = backends
         families = [b.opts.family for b in backends]
         self.started_wall = time.time()
-        self.metrics = ProxyMetrics(families)
+        self.metrics = ProxyMetrics(families, mode=cfg.mode.value)
         # Upstream's healthz rule: a family is unhealthy once a queued change waits > 2 x syncPeriod.
         self.health = ProxyHealthTracker(families, timeout=2 * cfg.sync_period)
         # As upstream's SyncLoop start: every family counts as updated now, so a first sync that never
@@ -147,11 +209,12 @@ class Proxy:
         self.runner.request()
 
     async def watch_tables(self, stop: asyncio.Event, interval: float) -> None:
-        """Re-create our tables when someone removes them (``nft flush ruleset``, another tool).
+        """Re-create our rules when someone removes them (``nft flush ruleset``, ``iptables -F``).
 
         Upstream e2e "should recreate its rules if they are deleted". Every ``interval`` (syncPeriod)
-        this lists table names only, which costs the same at 10 or 10k Services; a missing table
-        forces a full sync, which rebuilds it from our state.
+        each backend checks something that costs the same at 10 or 10k Services (nftables: table
+        names; iptables: the canary chain in mangle); a miss forces a full sync, which rebuilds
+        everything from our state.
         """
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
@@ -161,12 +224,12 @@ class Proxy:
                 continue
             for backend in self.backends:
                 try:
-                    present = await asyncio.to_thread(backend.nft.has_table, backend.family, TABLE)
+                    present = await asyncio.to_thread(backend.present)
                 except KernelError as exc:
-                    log.warning("cannot check our table family=%s error=%r", backend.family, str(exc))
+                    log.warning("cannot check our rules family=%s error=%r", backend.family, str(exc))
                     continue
                 if not present:
-                    log.warning("our nftables table is gone; re-creating it with a full sync family=%s", backend.family)
+                    log.warning("our rules are gone; re-creating them with a full sync family=%s", backend.family)
                     self._need_full = True
                     self._request()
                     break
@@ -196,10 +259,12 @@ class Proxy:
                 outcome = await asyncio.to_thread(backend.sync, self.state, result.changed, full=full)
             except KernelError as exc:
                 self.metrics.observe_sync(family, full=full, seconds=time.monotonic() - began)
-                self.metrics.sync_failed(family)
+                self.metrics.sync_failed(family, partial=not full)
                 log.error("sync failed family=%s error=%r", backend.family, str(exc))
                 raise
             self._record_success(family, result, full=outcome.full, began=began, committed=start)
+            if isinstance(backend, IptablesBackend):
+                self.metrics.set_iptables_rules(family, total=backend.rule_counts, written=backend.written_counts)
             if outcome.followup_after is not None:
                 followups.append(outcome.followup_after)
             log.log(
@@ -277,6 +342,7 @@ async def run(
     cfg: ProxyConfig,
     *,
     nft: Nft | None = None,
+    iptables: Iptables | None = None,
     conntrack: Conntrack | None = None,
     sysctl: Sysctl | None = None,
     stop: asyncio.Event | None = None,
@@ -286,13 +352,24 @@ async def run(
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     source = build_source(cfg)
-    # Conntrack and sysctls default to this namespace's kernel only when the data plane does too (no
-    # nft injected, and the real NftCli built): a run against a fake nft or another namespace's nft
-    # (tests, the lab) never touches the host's conntrack table or sysctls unless given adapters.
-    real_kernel = nft is None
-    nft = nft or NftCli()
-    real_kernel = real_kernel and isinstance(nft, kernel_nft.NftCli)
-    proxy = Proxy(cfg, build_backends(cfg, nft))
+    # Conntrack, sysctls and the other modes' cleanup default to this namespace's kernel only when
+    # the data plane does too (no adapter injected for the mode in force): a run against a fake or
+    # another namespace's adapters (tests, the lab) never touches the host unless given adapters.
+    if cfg.mode is ProxyMode.IPTABLES:
+        real_kernel = iptables is None
+        iptables = iptables or IptablesCli(detect_mode())
+        real_kernel = real_kernel and isinstance(iptables, IptablesCli)
+        others_nft = nft if nft is not None else (NftCli() if real_kernel else None)
+        leftover_ipts: list[Iptables] = []
+    else:
+        real_kernel = nft is None
+        nft = nft or NftCli()
+        real_kernel = real_kernel and isinstance(nft, kernel_nft.NftCli)
+        others_nft = None
+        leftover_ipts = [iptables] if iptables is not None else []
+    if sysctl is None and real_kernel:
+        sysctl = ProcSysctl()
+    proxy = Proxy(cfg, build_backends(cfg, nft, iptables=iptables, sysctl=sysctl))
     # Upstream's two servers, each on its own thread: /healthz + /livez (healthzBindAddress) and
     # /metrics, /proxyMode, /configz (metricsBindAddress). A bind failure is retried every 5 s, or
     # fatal with bindAddressHardFail -- raised by start(), before anything is programmed.
@@ -320,8 +397,6 @@ async def run(
         for server in servers.values():
             server.stop()
         raise
-    if sysctl is None and real_kernel:
-        sysctl = ProcSysctl()
     if sysctl is not None:
         # Upstream tunes conntrack at startup; we do it once the initial state is complete, just
         # after the first sync, so that a start that fails (bad manifests, no API access) changes
@@ -340,6 +415,23 @@ async def run(
             apply_oom_score_adj(cfg.oom_score_adj)
         except SysctlError as exc:
             log.warning("cannot set oom_score_adj value=%d error=%r", cfg.oom_score_adj, str(exc))
+    switched = False
+
+    async def remove_leftovers(_state: ProxyState, _result: UpdateResult, _full: bool) -> None:
+        nonlocal switched
+        if switched:
+            return
+        switched = True
+        ipts = leftover_ipts
+        if cfg.mode is ProxyMode.NFTABLES and real_kernel and not ipts:
+            # The backend the host's iptables use (upstream's image picks it the same way).
+            try:
+                ipts = [IptablesCli(await asyncio.to_thread(detect_mode))] if available_modes() else []
+            except KernelError as exc:
+                log.warning("cannot look for iptables leftovers error=%r", str(exc))
+        await asyncio.to_thread(remove_other_modes, cfg, nft=others_nft, iptables=ipts)
+
+    proxy.after_sync.append(remove_leftovers)
     if conntrack is None and real_kernel:
         conntrack = ConntrackCli()
     if conntrack is not None:
@@ -395,17 +487,28 @@ async def run(
     return 0
 
 
-def cleanup(nft: Nft | None = None) -> int:
-    """``--cleanup``: remove every table we installed (both families); exit status."""
+def cleanup(nft: Nft | None = None, iptables: Sequence[Iptables] | None = None) -> int:
+    """``--cleanup``: remove everything any of our modes installed, both families; exit status.
+
+    nftables tables, and the iptables layout through every installed iptables backend (nft and
+    legacy: an explicit cleanup should not depend on which one the host seems to use)."""
     nft = nft or NftCli()
+    ipts = list(iptables) if iptables is not None else [IptablesCli(mode) for mode in available_modes()]
     status = 0
     for family in (IPFamily.V4, IPFamily.V6):
         try:
-            removed = nft.delete_table(family.nft_family, "kube-proxy")
-            log.info("cleanup family=%s removed=%s", family.nft_family, removed)
+            removed = nft.delete_table(family.nft_family, TABLE)
+            log.info("cleanup nftables family=%s removed=%s", family.nft_family, removed)
         except KernelError as exc:
             log.error("cleanup failed family=%s error=%r", family.nft_family, str(exc))
             status = 1
+        for ipt in ipts:
+            try:
+                removed = cleanup_leftovers(ipt, family)
+                log.info("cleanup iptables family=%s backend=%s removed=%s", family.nft_family, ipt.mode.value, removed)
+            except KernelError as exc:
+                log.error("cleanup failed family=%s backend=%s error=%r", family.nft_family, ipt.mode.value, str(exc))
+                status = 1
     return status
 
 

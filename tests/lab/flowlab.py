@@ -46,25 +46,26 @@ def source_netns(lab: Lab, flow: Flow) -> str:
     return lab.pods[{addr(ip, flow.family): n for ip, n in PODS.items()}[source]].netns
 
 
-def check_flow(lab: Lab, flow: Flow) -> None:
-    """Run one packet-flow row with real packets from its source's namespace."""
-    from flows import expected_pods
+def check_flow(lab: Lab, flow: Flow, mode: str = "nftables") -> None:
+    """Run one packet-flow row with real packets from its source's namespace, as ``mode`` answers it."""
+    from flows import expected, expected_pods
 
+    output, masquerade = expected(flow, mode)
     ns = source_netns(lab, flow)
     probe = tcp_probe if flow.protocol == "tcp" else udp_probe
-    if flow.output in ("REJECT", "DROP"):
+    if output in ("REJECT", "DROP"):
         # A REJECT's ICMP error can reach a connecting TCP socket while connect() still holds the
         # socket lock (veth delivers it synchronously); the kernel then only notes it (LockDroppedIcmps)
         # and the SYN retransmit 1 s later gets the refusal. Hence a REJECT probe may take ~1 s.
-        result = probe(ns, flow.destination, flow.port, timeout=2.5 if flow.output == "REJECT" else 1.0)
-        assert result.outcome is (Outcome.REFUSED if flow.output == "REJECT" else Outcome.TIMEOUT), result
+        result = probe(ns, flow.destination, flow.port, timeout=2.5 if output == "REJECT" else 1.0)
+        assert result.outcome is (Outcome.REFUSED if output == "REJECT" else Outcome.TIMEOUT), result
         return
-    if flow.output == "":
+    if output == "":
         # Not ours: whatever the kernel does with it, no pod answers.
         result = probe(ns, flow.destination, flow.port, timeout=1.0)
         assert result.outcome is not Outcome.OK, result
         return
     answers = spread(ns, flow.destination, flow.port, PROBES, protocol=flow.protocol)
-    assert set(answers) == expected_pods(flow), answers
+    assert set(answers) == expected_pods(flow, output), answers
     seen = probe(ns, flow.destination, flow.port).seen_client_ip
-    assert (seen != flow.source) is flow.masquerade, f"pod saw {seen} for a connection from {flow.source}"
+    assert (seen != flow.source) is masquerade, f"pod saw {seen} for a connection from {flow.source}"

@@ -5,6 +5,14 @@ Names, types, label names, help texts and histogram buckets are upstream's (pkg/
 kube-proxy keep working. ``ProxyMetrics`` owns its own ``CollectorRegistry`` (never the global one),
 so every test gets fresh counters; the daemon makes one and passes it to the servers.
 
+As upstream's ``RegisterMetrics(mode)``, the families common to every mode (``COMMON_FAMILIES``) are
+served always and the mode-specific ones (``MODE_FAMILIES``) only for the mode in force: nftables
+mode adds ``..._nftables_sync_failures_total`` and ``..._nftables_cleanup_failures_total``; iptables
+mode adds ``..._iptables_restore_failures_total``, ``..._iptables_partial_restore_failures_total``
+and the rule-count gauges ``..._iptables_total{table}`` / ``..._iptables_last{table}``. Upstream's
+nfacct-backed iptables counters (``kubeproxy_iptables_*_packets_total``) and the IPVS families are
+not served.
+
 The exposition is written here rather than by ``prometheus_client.generate_latest`` because the
 library's output differs from what upstream's Go client serves in ways scrapers can see:
 - it adds ``*_created`` series (OpenMetrics) next to counters and histograms; upstream has none;
@@ -28,7 +36,7 @@ import calendar
 import decimal
 import math
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from prometheus_client import (
@@ -43,15 +51,19 @@ from prometheus_client import (
 from prometheus_client.registry import Collector
 
 __all__ = [
+    "COMMON_FAMILIES",
     "CONTENT_TYPE",
     "IPV4",
     "IPV6",
     "LAST_CHANGE_TRIGGER_TIME",
     "METRIC_FAMILIES",
+    "MODE_FAMILIES",
+    "PROXY_MODES",
     "FamilyLike",
     "MetricFamily",
     "ProxyMetrics",
     "SLIMetrics",
+    "families_for",
     "family_label",
     "go_float",
     "network_programming_durations",
@@ -127,9 +139,8 @@ def _kp(name: str) -> str:
 
 
 # The kubeproxy_* families we serve, as upstream declares them (pkg/proxy/metrics/metrics.go and the
-# generated Kubernetes metrics reference). The iptables/ipvs-only families are left out until those
-# modes exist.
-METRIC_FAMILIES: tuple[MetricFamily, ...] = (
+# generated Kubernetes metrics reference): first those of every mode, then those of one mode only.
+COMMON_FAMILIES: tuple[MetricFamily, ...] = (
     MetricFamily(
         _kp("sync_proxy_rules_duration_seconds"),
         "histogram",
@@ -185,18 +196,6 @@ METRIC_FAMILIES: tuple[MetricFamily, ...] = (
         "Number of services with a Local traffic policy and no endpoints",
     ),
     MetricFamily(
-        _kp("sync_proxy_rules_nftables_sync_failures_total"),
-        "counter",
-        ("ip_family",),
-        "Cumulative proxy nftables sync failures",
-    ),
-    MetricFamily(
-        _kp("sync_proxy_rules_nftables_cleanup_failures_total"),
-        "counter",
-        ("ip_family",),
-        "Cumulative proxy nftables cleanup failures",
-    ),
-    MetricFamily(
         _kp("conntrack_reconciler_sync_duration_seconds"),
         "histogram",
         ("ip_family",),
@@ -213,7 +212,64 @@ METRIC_FAMILIES: tuple[MetricFamily, ...] = (
     MetricFamily(_kp("proxy_livez_total"), "counter", ("code",), "Cumulative proxy livez HTTP status"),
 )
 
-_FAMILIES = {f.name: f for f in METRIC_FAMILIES}
+NFTABLES_FAMILIES: tuple[MetricFamily, ...] = (
+    MetricFamily(
+        _kp("sync_proxy_rules_nftables_sync_failures_total"),
+        "counter",
+        ("ip_family",),
+        "Cumulative proxy nftables sync failures",
+    ),
+    MetricFamily(
+        _kp("sync_proxy_rules_nftables_cleanup_failures_total"),
+        "counter",
+        ("ip_family",),
+        "Cumulative proxy nftables cleanup failures",
+    ),
+)
+
+IPTABLES_FAMILIES: tuple[MetricFamily, ...] = (
+    MetricFamily(
+        _kp("sync_proxy_rules_iptables_restore_failures_total"),
+        "counter",
+        ("ip_family",),
+        "Cumulative proxy iptables restore failures",
+    ),
+    MetricFamily(
+        _kp("sync_proxy_rules_iptables_partial_restore_failures_total"),
+        "counter",
+        ("ip_family",),
+        "Cumulative proxy iptables partial restore failures",
+    ),
+    MetricFamily(
+        _kp("sync_proxy_rules_iptables_total"),
+        "gauge",
+        ("ip_family", "table"),
+        "Total number of iptables rules owned by kube-proxy",
+    ),
+    MetricFamily(
+        _kp("sync_proxy_rules_iptables_last"),
+        "gauge",
+        ("ip_family", "table"),
+        "Number of iptables rules written by kube-proxy in last sync",
+    ),
+)
+
+# Mode -> the families served only in that mode (upstream's switch in RegisterMetrics).
+MODE_FAMILIES: dict[str, tuple[MetricFamily, ...]] = {
+    "nftables": NFTABLES_FAMILIES,
+    "iptables": IPTABLES_FAMILIES,
+}
+PROXY_MODES: tuple[str, ...] = tuple(MODE_FAMILIES)
+
+# Every family of every mode (no single ProxyMetrics serves them all; see ``families_for``).
+METRIC_FAMILIES: tuple[MetricFamily, ...] = COMMON_FAMILIES + tuple(f for fs in MODE_FAMILIES.values() for f in fs)
+
+
+def families_for(mode: str) -> tuple[MetricFamily, ...]:
+    """The families ``ProxyMetrics`` serves in ``mode`` ("nftables" or "iptables"); ValueError otherwise."""
+    if mode not in MODE_FAMILIES:
+        raise ValueError(f"not a proxy mode with metrics: {mode!r} (expected one of {', '.join(PROXY_MODES)})")
+    return COMMON_FAMILIES + MODE_FAMILIES[mode]
 
 
 def _help(family: MetricFamily) -> str:
@@ -234,10 +290,20 @@ class ProxyMetrics:
 
     Thread-safe (prometheus_client metrics lock internally): the daemon's loop records, the metrics
     server's thread renders. ``families`` are the IP families this proxy runs; they are what the
-    calls that take ``family=None`` apply to.
+    calls that take ``family=None`` apply to. ``mode`` ("nftables" or "iptables") selects the
+    mode-specific families (``families_for``); the calls that record into another mode's families
+    are no-ops. Labelled families show no series until first recorded into, as Go's vectors.
     """
 
-    def __init__(self, families: Iterable[FamilyLike] = (IPV4,), *, process_collectors: bool = True) -> None:
+    def __init__(
+        self,
+        families: Iterable[FamilyLike] = (IPV4,),
+        *,
+        mode: str = "nftables",
+        process_collectors: bool = True,
+    ) -> None:
+        served = families_for(mode)
+        self._mode = str(mode)  # a ProxyMode (StrEnum) becomes its plain value
         self.families: tuple[str, ...] = tuple(sorted({family_label(f) for f in families}))
         if not self.families:
             raise ValueError("ProxyMetrics needs at least one IP family")
@@ -247,7 +313,7 @@ class ProxyMetrics:
             ProcessCollector(registry=self.registry)
             PlatformCollector(registry=self.registry)
             GCCollector(registry=self.registry)
-        m = {f.name: _make(f, self.registry) for f in METRIC_FAMILIES}
+        m = {f.name: _make(f, self.registry) for f in served}
         self._sync_duration = _histogram(m, "sync_proxy_rules_duration_seconds")
         self._sync_full = _histogram(m, "sync_full_proxy_rules_duration_seconds")
         self._sync_partial = _histogram(m, "sync_partial_proxy_rules_duration_seconds")
@@ -259,12 +325,28 @@ class ProxyMetrics:
         self._services_pending = _gauge(m, "sync_proxy_rules_service_changes_pending")
         self._services_total = _counter(m, "sync_proxy_rules_service_changes_total")
         self._no_local = _gauge(m, "sync_proxy_rules_no_local_endpoints_total")
-        self._sync_failures = _counter(m, "sync_proxy_rules_nftables_sync_failures_total")
-        self._cleanup_failures = _counter(m, "sync_proxy_rules_nftables_cleanup_failures_total")
         self._conntrack_duration = _histogram(m, "conntrack_reconciler_sync_duration_seconds")
         self._conntrack_deleted = _counter(m, "conntrack_reconciler_deleted_entries_total")
         self._healthz = _counter(m, "proxy_healthz_total")
         self._livez = _counter(m, "proxy_livez_total")
+        nftables, iptables = self._mode == "nftables", self._mode == "iptables"
+        self._nft_sync_failures = _counter(m, "sync_proxy_rules_nftables_sync_failures_total") if nftables else None
+        self._nft_cleanup_failures = (
+            _counter(m, "sync_proxy_rules_nftables_cleanup_failures_total") if nftables else None
+        )
+        self._ipt_restore_failures = (
+            _counter(m, "sync_proxy_rules_iptables_restore_failures_total") if iptables else None
+        )
+        self._ipt_partial_restore_failures = (
+            _counter(m, "sync_proxy_rules_iptables_partial_restore_failures_total") if iptables else None
+        )
+        self._ipt_rules_total = _gauge(m, "sync_proxy_rules_iptables_total") if iptables else None
+        self._ipt_rules_last = _gauge(m, "sync_proxy_rules_iptables_last") if iptables else None
+
+    @property
+    def mode(self) -> str:
+        """The proxy mode whose families are served: "nftables" or "iptables"."""
+        return self._mode
 
     def _targets(self, family: FamilyLike | None) -> tuple[str, ...]:
         return self.families if family is None else (family_label(family),)
@@ -308,13 +390,41 @@ class ProxyMetrics:
         self._no_local.labels(label, "internal").set(internal)
         self._no_local.labels(label, "external").set(external)
 
-    def sync_failed(self, family: FamilyLike) -> None:
-        """The nft transaction for ``family`` failed."""
-        self._sync_failures.labels(family_label(family)).inc()
+    def sync_failed(self, family: FamilyLike, *, partial: bool = False) -> None:
+        """Programming the rules of ``family`` failed; ``partial``: the failed sync was a partial one.
+
+        nftables mode: the nft transaction failed (``..._nftables_sync_failures_total``, whatever
+        ``partial``). iptables mode: iptables-restore failed (``..._iptables_restore_failures_total``),
+        and, when ``partial``, also ``..._iptables_partial_restore_failures_total`` (upstream counts
+        a failed partial sync there, and falls back to a full sync next)."""
+        label = family_label(family)
+        if self._nft_sync_failures is not None:
+            self._nft_sync_failures.labels(label).inc()
+        if self._ipt_restore_failures is not None:
+            self._ipt_restore_failures.labels(label).inc()
+        if partial and self._ipt_partial_restore_failures is not None:
+            self._ipt_partial_restore_failures.labels(label).inc()
 
     def cleanup_failed(self, family: FamilyLike) -> None:
-        """Deleting stale chains/sets of ``family`` failed."""
-        self._cleanup_failures.labels(family_label(family)).inc()
+        """Deleting stale chains/sets of ``family`` failed (nftables mode; a no-op in iptables mode,
+        which upstream has no cleanup-failure family for: its stale chains go in the restore)."""
+        label = family_label(family)
+        if self._nft_cleanup_failures is not None:
+            self._nft_cleanup_failures.labels(label).inc()
+
+    def set_iptables_rules(self, family: FamilyLike, *, total: Mapping[str, int], written: Mapping[str, int]) -> None:
+        """iptables mode: rules of ``family`` per table (upstream: ``filter`` and ``nat``): ``total``
+        owned by kube-proxy (``..._iptables_total``) and ``written`` by the last sync
+        (``..._iptables_last``); only the tables given are set. A no-op in nftables mode."""
+        label = family_label(family)
+        if any(count < 0 for count in (*total.values(), *written.values())):
+            raise ValueError("rule counts cannot be negative")
+        if self._ipt_rules_total is None or self._ipt_rules_last is None:
+            return
+        for table, count in total.items():
+            self._ipt_rules_total.labels(label, table).set(count)
+        for table, count in written.items():
+            self._ipt_rules_last.labels(label, table).set(count)
 
     def observe_conntrack(self, family: FamilyLike, *, seconds: float, deleted: int) -> None:
         """One conntrack reconcile of ``family``: how long it took and how many flows it deleted.

@@ -72,7 +72,7 @@ NODEPORTS_COMMENT = "kubernetes service nodeports; NOTE: this must be the last r
 # (the restore input shrinks by ~40%).
 LARGE_CLUSTER_ENDPOINTS = 1000
 
-_LOOPBACK_V4 = ipaddress.ip_network("127.0.0.0/8")
+_LOOPBACK_V4 = ipaddress.IPv4Network("127.0.0.0/8")
 
 
 def comment(text: str) -> str:
