@@ -1,27 +1,16 @@
-"""Proxy options through the tracer: local-traffic detection modes (ClusterCIDR is the default table),
-masqueradeAll and nodePortAddresses. The same rows run with real packets in
-tests/lab/test_nftables_options_lab.py."""
+"""nftables-specific option checks; the option rows themselves run through every mode's tracer in
+tests/test_flow_tables.py and with real packets in tests/lab/test_nftables_options_lab.py."""
 
 from __future__ import annotations
 
 import pytest
 
 from builders import state_with
-from flows import ALL_OPTION_FLOWS, Flow, iif_of, node_addresses, variant_objects, variant_options
+from flows import variant_objects
 from kubeproxy.backends.nftables.render import NftOptions, nodeport_addresses
 from kubeproxy.backends.nftables.tracer import Packet, TraceError, trace
 from kubeproxy.model.service import IPFamily
 from kubeproxy.tools.render import render_state
-
-
-@pytest.mark.parametrize("flow", ALL_OPTION_FLOWS, ids=lambda f: f.id)
-def test_option_flows(flow: Flow) -> None:
-    state = state_with(*variant_objects(flow.variant, flow.family))
-    local = node_addresses(flow.family)
-    rs = render_state(state, variant_options(flow.variant, flow.family), local)
-    packet = Packet(flow.source, flow.protocol, flow.destination, flow.port, iif=iif_of(flow))
-    result = trace(rs, packet, local)
-    assert (result.output, result.masquerade) == (flow.output, flow.masquerade), result.matched
 
 
 def test_interface_detection_needs_the_input_interface() -> None:

@@ -1,11 +1,11 @@
-"""Packet-flow tables through the tracer: the rendered ruleset, interpreted rule by rule."""
+"""The nftables tracer and renderer beyond the shared packet-flow tables (tests/test_flow_tables.py)."""
 
 from __future__ import annotations
 
 import pytest
 
 from builders import CLUSTER_CIDR, state_with
-from flows import ALL_FLOWS, NODE_IP, V4, Flow, addr, objects_for
+from flows import NODE_IP, V4, addr, objects_for
 from kubeproxy.backends.nftables.render import NftOptions, Ruleset
 from kubeproxy.backends.nftables.tracer import Packet, TraceError, trace
 from kubeproxy.model.service import IPFamily
@@ -20,18 +20,6 @@ def options(family: IPFamily, **kw: object) -> NftOptions:
 
 def basic_ruleset(opts: NftOptions = OPTS) -> Ruleset:
     return render_state(state_with(*objects_for(opts.family)), opts)
-
-
-_RULESETS: dict[IPFamily, Ruleset] = {}
-
-
-@pytest.mark.parametrize("flow", ALL_FLOWS, ids=lambda f: f.id)
-def test_flows(flow: Flow) -> None:
-    if flow.family not in _RULESETS:
-        _RULESETS[flow.family] = basic_ruleset(options(flow.family))
-    node_ip = addr(NODE_IP, flow.family)
-    result = trace(_RULESETS[flow.family], Packet(flow.source, flow.protocol, flow.destination, flow.port), [node_ip])
-    assert (result.output, result.masquerade) == (flow.output, flow.masquerade), result.matched
 
 
 def test_the_ipv4_table_ignores_ipv6_services_and_vice_versa() -> None:
