@@ -6,10 +6,16 @@ table, cold full sync into an empty network namespace (render + one ``nft -f`` t
 ``nft`` share is shown separately), a one-endpoint partial sync (median of 5), and peak RSS of this
 process and of its ``nft`` children. Prints a table and writes bench/results/nftables-<date>.json
 with machine info. Needs root (it creates, and always deletes, a private network namespace).
+
+Then the iptables rows (bench/iptables.py): the same objects through both iptables backends, each
+(backend, size) in its own fresh namespace; a second table and bench/results/iptables-<date>.json.
+``python -m bench.run --only nftables|iptables`` runs one part; ``--quick`` keeps only the 1k iptables
+rows; ``--timeout`` caps each iptables row.
 """
 
 from __future__ import annotations
 
+import argparse
 import ipaddress
 import json
 import os
@@ -33,6 +39,7 @@ from kubeproxy.tools.render import render_state
 SIZES = [(1000, 10), (10000, 10)]
 OPTS = NftOptions(cluster_cidrs=("10.244.0.0/16",))
 EP_BASE = int(ipaddress.ip_address("10.128.0.0"))
+PARTIAL_SAMPLES = 5  # one-endpoint partial syncs per size; the median is reported
 
 
 class TimedNft(NftCli):
@@ -83,8 +90,8 @@ def make_objects(n: int, m: int) -> tuple[list[objects.Service], list[objects.En
     return services, slices
 
 
-def bench_size(n: int, m: int, netns: str) -> dict[str, Any]:
-    services, slices = make_objects(n, m)
+def build_state(services: list[objects.Service], slices: list[objects.EndpointSlice]) -> tuple[ProxyState, float]:
+    """State ingest (decoded objects -> trackers -> commit) on node1; returns the state and seconds."""
     node = objects.Node(
         metadata=objects.ObjectMeta(name="node1"),
         status=objects.NodeStatus(addresses=[objects.NodeAddress(type="InternalIP", address="192.168.50.1")]),
@@ -98,7 +105,23 @@ def bench_size(n: int, m: int, netns: str) -> dict[str, Any]:
         st.on_endpoint_slice(("bench", es.metadata.name), es)
     st.services_synced = st.slices_synced = True
     st.commit()
-    ingest = time.perf_counter() - t0
+    return st, time.perf_counter() - t0
+
+
+def one_endpoint_change(target: objects.EndpointSlice, n: int, m: int, k: int) -> objects.EndpointSlice:
+    """``target`` with its last endpoint replaced by a fresh address (the k-th partial sync's change)."""
+    eps = list(target.endpoints or [])
+    eps[-1] = objects.SliceEndpoint(
+        addresses=[str(ipaddress.ip_address(EP_BASE + n * m + 1 + k))],
+        conditions=objects.EndpointConditions(ready=True),
+        nodeName="node2",
+    )
+    return objects.EndpointSlice(metadata=target.metadata, addressType="IPv4", endpoints=eps, ports=target.ports)
+
+
+def bench_size(n: int, m: int, netns: str) -> dict[str, Any]:
+    services, slices = make_objects(n, m)
+    st, ingest = build_state(services, slices)
 
     t0 = time.perf_counter()
     text = render_state(st, OPTS).text()
@@ -113,14 +136,8 @@ def bench_size(n: int, m: int, netns: str) -> dict[str, Any]:
 
     partial, partial_nft = [], []
     target = slices[n // 2]
-    for k in range(5):
-        eps = list(target.endpoints or [])
-        eps[-1] = objects.SliceEndpoint(
-            addresses=[str(ipaddress.ip_address(EP_BASE + n * m + 1 + k))],
-            conditions=objects.EndpointConditions(ready=True),
-            nodeName="node2",
-        )
-        changed = objects.EndpointSlice(metadata=target.metadata, addressType="IPv4", endpoints=eps, ports=target.ports)
+    for k in range(PARTIAL_SAMPLES):
+        changed = one_endpoint_change(target, n, m, k)
         t0 = time.perf_counter()
         st.on_endpoint_slice(("bench", target.metadata.name), changed)
         backend.sync(st, st.commit().changed, full=False)
@@ -171,10 +188,8 @@ def machine() -> dict[str, Any]:
     }
 
 
-def main() -> int:
-    if os.geteuid() != 0:
-        print("make bench needs root: it loads rulesets into a private network namespace", file=sys.stderr)
-        return 1
+def bench_nftables() -> None:
+    """The nftables rows and the API source benchmark (bench/results/nftables-<date>.json)."""
     netns = f"kpbench-{os.getpid()}"
     subprocess.run(["ip", "netns", "add", netns], check=True)
     rows = []
@@ -201,6 +216,45 @@ def main() -> int:
     out = Path(__file__).parent / "results" / f"nftables-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.write_text(json.dumps({"machine": machine(), "results": rows, "api": api}, indent=2) + "\n")
     print(f"wrote {out}")
+
+
+def bench_iptables(sizes: list[tuple[int, int]], timeout: float | None) -> None:
+    """Both iptables backends (bench/iptables.py; bench/results/iptables-<date>.json)."""
+    from bench import iptables  # imports this module: import late to keep the cycle harmless
+
+    rows = iptables.run_rows(sizes, timeout)
+    iptables.print_table(rows)
+    out = Path(__file__).parent / "results" / f"iptables-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    info = machine() | iptables.machine_iptables() | {"row_timeout_s": timeout or iptables.default_timeout()}
+    out.write_text(json.dumps({"machine": info, "results": rows}, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--only",
+        choices=("nftables", "iptables"),
+        help="nftables: the nftables rows and the API benchmark; iptables: both iptables backends",
+    )
+    parser.add_argument("--quick", action="store_true", help="iptables: only the 1k-Service rows")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        help="iptables: seconds per (backend, size) row before it is recorded as timeout "
+        "(default: $KUBEPROXY_BENCH_IPT_TIMEOUT or 900)",
+    )
+    args = parser.parse_args(argv)
+    if os.geteuid() != 0:
+        print("make bench needs root: it loads rulesets into a private network namespace", file=sys.stderr)
+        return 1
+    if args.only in (None, "nftables"):
+        bench_nftables()
+    if args.only in (None, "iptables"):
+        if args.only is None:
+            print()
+        bench_iptables(SIZES[:1] if args.quick else SIZES, args.timeout)
     return 0
 
 

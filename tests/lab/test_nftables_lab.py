@@ -257,7 +257,7 @@ def test_daemon_from_manifests_programs_node_and_follows_changes(lab: Lab, tmp_p
         # Someone deletes our table: the proxy notices within a syncPeriod and rebuilds it.
         run(["nft", "delete", "table", "ip", "kube-proxy"], netns=lab.node_ns)
         assert wait_until(lambda: set(spread(client, "10.96.0.10", 80, 4, timeout=0.3)) == {"c"}), log.read_text()
-        assert "table is gone" in log.read_text()
+        assert "rules are gone" in log.read_text()
         # SIGTERM: the process exits and the rules stay (traffic keeps flowing during restarts).
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=10) == 0, log.read_text()
