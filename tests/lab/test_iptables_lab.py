@@ -10,7 +10,11 @@ purpose carry their iptables answer (``Flow.iptables``).
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -40,6 +44,7 @@ from kubeproxy.lab.netns import lab_unavailable_reason, run
 from kubeproxy.lab.probe import Outcome, spread, tcp_probe
 from kubeproxy.lab.sctp import sctp_probe
 from kubeproxy.model.service import IPFamily, NamespacedName
+from waiting import wait_until
 
 _REASON = lab_unavailable_reason() or (None if available_modes() else "no iptables binaries")
 pytestmark = [pytest.mark.lab, pytest.mark.skipif(_REASON is not None, reason=_REASON or "")]
@@ -196,3 +201,86 @@ def test_restart_converges_and_cleanup_leaves_nothing(bare_lab: Lab, mode: Iptab
         assert all(not c.startswith("KUBE-") for c in ipt.chains(IPFamily.V4, table)), table
         assert all(not rules for rules in ipt.chains(IPFamily.V4, table).values()), table
     assert tcp_probe(client, "10.96.0.10", 80, timeout=0.5).outcome is not Outcome.OK
+
+
+# --- the daemon: iptables mode end to end, and switching modes both ways -----------------------
+
+WEB = """\
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: ns1}
+spec:
+  clusterIP: 10.96.0.10
+  ports: [{name: http, port: 80}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-1, namespace: ns1, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{name: http, port: 8080}]
+endpoints:
+- addresses: [10.244.1.2]
+  nodeName: node1
+"""
+
+
+def _iptables_chains(lab: Lab) -> str:
+    return "".join(run([f"iptables-{m.value}-save"], netns=lab.node_ns).stdout for m in IPT_MODES)
+
+
+def _nft_tables(lab: Lab) -> str:
+    return run(["nft", "list", "tables"], netns=lab.node_ns).stdout
+
+
+def test_daemon_switches_modes_and_removes_the_other_modes_rules(bare_lab: Lab, tmp_path: Path) -> None:
+    lab = bare_lab
+    manifests = tmp_path / "manifests"
+    manifests.mkdir()
+    (manifests / "web.yaml").write_text(WEB)
+    client = lab.pods["client"].netns
+
+    def start(mode: str, n: int) -> subprocess.Popen[str]:
+        return lab.spawn(
+            lab.node_ns,
+            [sys.executable, "-m", "kubeproxy", f"--proxy-mode={mode}", f"--manifests={manifests}",
+             "--hostname-override=node1", f"--cluster-cidr={CLUSTER_CIDR}", "--v=2",
+             "--iptables-min-sync-period=100ms", "--iptables-sync-period=1s"],
+            log_path=str(tmp_path / f"{n}-{mode}.log"),
+        )  # fmt: skip
+
+    def stop(proc: subprocess.Popen[str]) -> None:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+
+    proc: subprocess.Popen[str] | None = None
+    try:
+        proc = start("iptables", 1)
+        assert wait_until(lambda: set(spread(client, "10.96.0.10", 80, 4, timeout=0.3)) == {"a"})
+        assert "KUBE-SVC-" in _iptables_chains(lab) and "kube-proxy" not in _nft_tables(lab)
+        # Someone flushes our chains: the canary notices within a syncPeriod, a full sync rebuilds them.
+        run(["iptables", "-t", "mangle", "-X", "KUBE-PROXY-CANARY"], netns=lab.node_ns)
+        run(["iptables", "-t", "nat", "-F", "KUBE-SERVICES"], netns=lab.node_ns)
+        assert wait_until(lambda: set(spread(client, "10.96.0.10", 80, 4, timeout=0.3)) == {"a"})
+        stop(proc)
+        # iptables -> nftables: after its first sync, the iptables layout is gone.
+        proc = start("nftables", 2)
+        assert wait_until(lambda: "KUBE-" not in _iptables_chains(lab))
+        assert "table ip kube-proxy" in _nft_tables(lab)
+        assert set(spread(client, "10.96.0.10", 80, 4)) == {"a"}
+        stop(proc)
+        # nftables -> iptables: our nftables tables go.
+        proc = start("iptables", 3)
+        assert wait_until(lambda: "kube-proxy" not in _nft_tables(lab))
+        assert set(spread(client, "10.96.0.10", 80, 4)) == {"a"}
+        stop(proc)
+        # --cleanup removes every mode's rules.
+        subprocess.run(
+            ["ip", "netns", "exec", lab.node_ns, sys.executable, "-m", "kubeproxy", "--cleanup"], check=True, timeout=30
+        )
+        assert "KUBE-" not in _iptables_chains(lab) and "kube-proxy" not in _nft_tables(lab)
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+        for mode in IPT_MODES:
+            IptablesBackend(IptablesCli(mode, netns=lab.node_ns), options(IPFamily.V4)).cleanup()
+        run(["nft", "flush", "ruleset"], netns=lab.node_ns)
