@@ -11,7 +11,6 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-
 from typing import overload
 
 from kubeproxy.backends.iptables import render as ipt_render
