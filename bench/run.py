@@ -21,6 +21,7 @@ import json
 import os
 import platform
 import resource
+import signal
 import statistics
 import subprocess
 import sys
@@ -246,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
         "(default: $KUBEPROXY_BENCH_IPT_TIMEOUT or 900)",
     )
     args = parser.parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C, so the namespaces are deleted and iptables workers killed.
+    signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
     if os.geteuid() != 0:
         print("make bench needs root: it loads rulesets into a private network namespace", file=sys.stderr)
         return 1
