@@ -19,15 +19,15 @@ policy has none on this node) follow upstream's nftables proxier.
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from kubeproxy.backends.nftables import names
 from kubeproxy.backends.options import ProxyOptions
+from kubeproxy.backends.semantics import Verdict, plan_port
 from kubeproxy.model.endpoint import Endpoint
-from kubeproxy.model.service import IPFamily, NamespacedName, ServicePort, ServicePortName, family_of
-from kubeproxy.state.topology import NodeTopology, categorize
+from kubeproxy.model.service import IPFamily, NamespacedName, ServicePort, ServicePortName
+from kubeproxy.state.topology import NodeTopology
 
 TABLE = "kube-proxy"
 TABLE_COMMENT = "rules for kube-proxy"
@@ -45,6 +45,7 @@ FIREWALL_IPS = "firewall-ips"
 REJECT_CHAIN = "reject-chain"
 VERDICT_REJECT = f"goto {REJECT_CHAIN}"
 VERDICT_DROP = "drop"
+_VERDICTS: dict[Verdict | None, str] = {Verdict.REJECT: VERDICT_REJECT, Verdict.DROP: VERDICT_DROP}
 
 # Base chains: name -> (type, hook, priority). Names follow upstream ("<type>-<hook>"). Priorities are
 # numeric (dstnat = -100, srcnat = 100): nft 1.0.6 accepts the "dstnat" keyword only on prerouting.
@@ -249,23 +250,16 @@ def load_balance_rules(endpoints: Sequence[Endpoint], proto: str) -> tuple[str, 
     return tuple(rules)
 
 
-def firewall_rules(
-    svc: ServicePort, lb_ips: Sequence[str], opts: NftOptions, node_ips: Sequence[str]
-) -> tuple[str, ...]:
-    """``loadBalancerSourceRanges`` of this family as a chain: allowed sources return, the rest is dropped.
+def firewall_rules(sources: Sequence[str], opts: NftOptions) -> tuple[str, ...]:
+    """``loadBalancerSourceRanges`` as a chain: allowed sources return, the rest is dropped.
 
     One ``return`` rule per allowed prefix instead of upstream's inline anonymous set: no per-Service
-    set in the kernel (DESIGN.md section 3). As upstream, when a node IP is inside a range the LB IPs
-    themselves are allowed as sources (a node reaching the LB IP it holds sends from that IP).
+    set in the kernel (DESIGN.md section 3). ``sources`` come from ``semantics.firewall_sources``
+    (the ranges of this family, plus the LB IPs when a node IP is in a range, as upstream).
     """
-    ranges = [r for r in svc.load_balancer_source_ranges if family_of(r.split("/")[0]) is opts.family]
-    if not ranges:
+    if not sources:
         return ()
-    nets = [ipaddress.ip_network(r) for r in ranges]
-    allowed = list(ranges)
-    if any(ipaddress.ip_address(ip) in net for ip in node_ips for net in nets if family_of(ip) is opts.family):
-        allowed += [ip for ip in lb_ips if ip not in allowed]
-    return (*(f"{opts.ip} saddr {src} return" for src in allowed), "drop")
+    return (*(f"{opts.ip} saddr {src} return" for src in sources), "drop")
 
 
 def affinity_set_declaration(opts: NftOptions, timeout: int) -> str:
@@ -309,11 +303,10 @@ def render_service_port(
 ) -> tuple[dict[str, tuple[str, ...]], set[Element], dict[str, str]]:
     chains: dict[str, tuple[str, ...]] = {}
     elements: set[Element] = set()
-    cluster_ip = svc.cluster_ip(opts.family)
-    if cluster_ip is None:
+    plan = plan_port(svc, endpoints, opts.family, node, node_ips)
+    if plan is None:
         return chains, elements, {}  # not a Service of this family
-    eps = [ep for ep in endpoints if family_of(ep.ip) is opts.family]
-    cat = categorize(eps, svc, node)
+    cat, cluster_ip = plan.endpoints, plan.cluster_ip
     spn, proto, port = svc.name, svc.protocol.nft, svc.port
     base = names.service_base(spn)
     cluster_chain, local_chain, external_chain = (f"{p}-{base}" for p in (names.SERVICE, names.LOCAL, names.EXTERNAL))
@@ -335,10 +328,8 @@ def render_service_port(
 
     internal_chain = local_chain if svc.internal_policy_local else cluster_chain
     external_policy_chain = local_chain if svc.external_policy_local else cluster_chain
-    has_internal = cat.has_any and (bool(cat.local) if svc.internal_policy_local else bool(cat.cluster))
-    has_external = cat.has_any and (bool(cat.local) if svc.external_policy_local else bool(cat.cluster))
-    internal_verdict = None if has_internal else (VERDICT_DROP if cat.has_any else VERDICT_REJECT)
-    external_verdict = None if has_external else (VERDICT_DROP if cat.has_any else VERDICT_REJECT)
+    internal_verdict = _VERDICTS.get(plan.internal_verdict)
+    external_verdict = _VERDICTS.get(plan.external_verdict)
 
     elements.add((CLUSTER_IPS, cluster_ip, None))
     key = f"{cluster_ip} . {proto} . {port}"
@@ -347,7 +338,7 @@ def render_service_port(
     else:
         elements.add((NO_ENDPOINT_SERVICES, key, internal_verdict))
 
-    if svc.externally_accessible and cat.has_any:
+    if plan.externally_accessible:
         rules: list[str] = []
         if not svc.external_policy_local:
             rules.append(f"meta mark set meta mark | {opts.mark}")  # may cross nodes: masquerade
@@ -358,13 +349,12 @@ def render_service_port(
                 rules.append(f"{local_src} goto {cluster_chain}")
             rules.append(f"fib saddr type local meta mark set meta mark | {opts.mark}")
             rules.append(f"fib saddr type local goto {cluster_chain}")
-        if has_external:
+        if external_verdict is None:
             rules.append(f"goto {external_policy_chain}")
         chains[external_chain] = tuple(rules)
 
-    lb_ips = [ip for ip in svc.load_balancer_ips if family_of(ip) is opts.family]
-    external_ips = [ip for ip in svc.external_ips if family_of(ip) is opts.family]
-    if lb_ips and (fw_rules := firewall_rules(svc, lb_ips, opts, node_ips)):
+    lb_ips, external_ips = plan.load_balancer_ips, plan.external_ips
+    if lb_ips and (fw_rules := firewall_rules(plan.firewall_sources, opts)):
         firewall_chain = f"{names.FIREWALL}-{base}"
         chains[firewall_chain] = fw_rules
         for ip in lb_ips:
