@@ -92,9 +92,21 @@ def _same_rule(ours: str, saved: str) -> bool:
     return _target(ours) == _target(saved) and _comment_of(ours) == _comment_of(saved)
 
 
+# IPVS mode's own chains (upstream pkg/proxy/ipvs): removed with ours when another mode starts.
+IPVS_CHAINS = {
+    FILTER: ("KUBE-NODE-PORT", "KUBE-SOURCE-RANGES-FIREWALL", "KUBE-IPVS-FILTER", "KUBE-IPVS-OUT-FILTER"),
+    NAT: ("KUBE-NODE-PORT", "KUBE-LOAD-BALANCER"),
+}
+
+
 def is_ours(table: str, chain: str) -> bool:
-    """Chains of our layout (and retired upstream prefixes, such as ``KUBE-XLB-``)."""
-    return chain in STATIC_CHAINS.get(table, ()) or names.is_service_chain(chain) or chain.startswith("KUBE-XLB-")
+    """Chains of our layout, of upstream's IPVS mode, and retired upstream prefixes (``KUBE-XLB-``)."""
+    return (
+        chain in STATIC_CHAINS.get(table, ())
+        or chain in IPVS_CHAINS.get(table, ())
+        or names.is_service_chain(chain)
+        or chain.startswith("KUBE-XLB-")
+    )
 
 
 def cleanup_input(existing: Mapping[str, Mapping[str, Sequence[str]]]) -> str:
