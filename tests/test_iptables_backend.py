@@ -216,3 +216,15 @@ def test_basic_ruleset_matches_golden() -> None:
     if os.environ.get("KUBEPROXY_UPDATE_GOLDEN"):
         golden.write_text(text)
     assert text.splitlines() == golden.read_text().splitlines()
+
+
+def test_render_subcommand_prints_iptables_save_text(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from kubeproxy.cli import main
+
+    (tmp_path / "svc.yaml").write_text(
+        "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: ns1}\n"
+        "spec: {clusterIP: 10.96.0.10, ports: [{name: http, port: 80}]}\n"
+    )
+    assert main(["render", "--proxy-mode=iptables", f"--manifests={tmp_path}", "--hostname-override=node1"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("*filter\n") and '"ns1/web:http has no endpoints"' in out and "*nat\n" in out
