@@ -162,7 +162,7 @@ class Scenario:
 
 
 def _service(
-    name: str, cluster_ip: str, svc_type: str, ports: list[dict[str, Any]], spec: dict[str, Any], ingress: Any
+    name: str, cluster_ip: str, svc_type: str, ports: list[dict[str, Any]], spec: dict[str, Any], *, ingress: Any
 ) -> objects.Service:
     body: dict[str, Any] = {
         "metadata": {"name": name, "namespace": "ns1"},
@@ -230,7 +230,7 @@ def scenarios(draw: st.DrawFn) -> Scenario:
                 ingress["ipMode"] = ip_mode
             if ranges := draw(st.lists(st.sampled_from(SOURCE_RANGES), max_size=2, unique=True)):
                 spec["loadBalancerSourceRanges"] = ranges
-        out.append(_service(name, f"10.96.0.{cluster_ips[i]}", svc_type, ports, spec, ingress))
+        out.append(_service(name, f"10.96.0.{cluster_ips[i]}", svc_type, ports, spec, ingress=ingress))
 
         endpoints: list[dict[str, Any]] = []
         for ip in draw(st.lists(st.sampled_from(ENDPOINT_IPS), max_size=4, unique=True)):
@@ -287,11 +287,12 @@ def probes(scenario: Scenario, variant: str, family: IPFamily) -> list[Packet]:
     if variant and "nodeport_addresses" in OPTION_VARIANTS[variant]:
         destinations.append(SECOND_NODE_IP)
     assert not any(d.startswith("127.") for d in destinations)  # difference 2
+    targets = [addr(d, family) for d in dict.fromkeys(destinations)]
     return [
-        Packet(addr(source, family), protocol, addr(destination, family), port, iif=IIF.get(source))
+        Packet(addr(source, family), protocol, destination, port, iif=IIF.get(source))
         for source in SOURCES
         for protocol in PROTOCOLS
-        for destination in dict.fromkeys(destinations)
+        for destination in targets
         for port in sorted(ports)
     ]
 
@@ -379,7 +380,7 @@ def _web(name: str = "web", cluster_ip: str = "10.96.0.10", svc_type: str = "Clu
     if svc_type != "ClusterIP":
         port["nodePort"] = 30010
     ingress = {"ip": "198.51.100.10"} if svc_type == "LoadBalancer" else None
-    return _service(name, cluster_ip, svc_type, [port], spec, ingress)
+    return _service(name, cluster_ip, svc_type, [port], spec, ingress=ingress)
 
 
 def _web_slice(ip: str, node_name: str = "node1", name: str = "web") -> Any:
@@ -459,14 +460,58 @@ def test_normaliser_rejects_lookalikes() -> None:
 
 
 @pytest.mark.parametrize("family", FAMILIES, ids=_family_id)
-def test_the_flow_scenario_needs_only_the_known_differences(family: IPFamily) -> None:
-    # A fixed, rich state through the same comparison: tolerated differences do occur (so the
-    # property test exercises the normaliser), and nothing else differs.
-    objs = [
-        _web(),
-        _web_slice("10.244.1.2"),
-        _web("lb", "10.96.0.20", "LoadBalancer", loadBalancerSourceRanges=["203.0.113.0/24"]),
-    ]
-    mismatches, tolerated = compare(Scenario(tuple(objs)), DEFAULT, family)
+def test_compare_counts_what_it_tolerates(family: IPFamily) -> None:
+    # The property test's own comparison on a fixed state: the tolerated difference does occur (so
+    # the normaliser is exercised), and nothing else differs.
+    mismatches, tolerated = compare(Scenario((_web(), _web_slice("10.244.1.2"))), DEFAULT, family)
     assert not mismatches, "\n".join(map(str, mismatches))
-    assert set(tolerated) == {CLUSTER_IPS_CHECK, FIREWALL_FIRST}
+    assert set(tolerated) == {CLUSTER_IPS_CHECK}
+
+
+# --- differences found by the property test, not (yet) explained ---------------------------------
+# Each is the shrunk case as a fixed test that asserts what the property asserts: the modes agree.
+# Both modes reproduce upstream here (see the report in the docstrings), but reference/upstream.md
+# section 4.6 does not list these as deliberate, so they are left failing, not normalised.
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=_family_id)
+def test_node_to_external_ip_of_a_service_without_endpoints(family: IPFamily) -> None:
+    """nftables: REJECT (filter-output -> service-endpoints-check; @no-endpoint-services holds
+    externalIPs and LB IPs). iptables: untouched -- the externalIP's "has no endpoints" REJECT sits
+    in KUBE-EXTERNAL-SERVICES, which only INPUT and FORWARD jump to, and a host-originated packet to
+    a non-local externalIP/LB IP passes neither (upstream's iptablesJumpChains, the same)."""
+    objs = [_web(externalIPs=["198.51.100.100"])]
+    packet = _packet(NODE_IP, "tcp", "198.51.100.100", 80, family)
+    nft, ipt = _trace_both(objs, packet, family)
+    assert (nft.output, nft.masquerade) == (ipt.output, ipt.masquerade), str(Mismatch(packet, nft, ipt))
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=_family_id)
+def test_node_to_firewalled_lb_ip_of_a_service_without_endpoints(family: IPFamily) -> None:
+    """The same with loadBalancerSourceRanges not holding the node: nftables DROPs in firewall-*
+    (before DNAT, whatever the endpoints), iptables leaves it alone (no KUBE-FW-* without endpoints,
+    no KUBE-EXTERNAL-SERVICES on OUTPUT)."""
+    objs = [_web(svc_type="LoadBalancer", loadBalancerSourceRanges=["203.0.113.0/24"])]
+    packet = _packet(NODE_IP, "tcp", "198.51.100.10", 80, family)
+    nft, ipt = _trace_both(objs, packet, family)
+    assert (nft.output, nft.masquerade) == (ipt.output, ipt.masquerade), str(Mismatch(packet, nft, ipt))
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=_family_id)
+@pytest.mark.parametrize(
+    ("variant", "destination"),
+    [("nodePortAddresses primary", SECOND_NODE_IP), ("nodePortAddresses CIDR", NODE_IP)],
+    ids=["primary", "cidr"],
+)
+def test_nodeport_without_endpoints_on_an_address_nodeport_addresses_excludes(
+    family: IPFamily, variant: str, destination: str
+) -> None:
+    """nftables: untouched (nodeport-endpoints-check matches only @nodeport-ips). iptables: REJECT
+    -- the NodePort's "has no endpoints" rule in KUBE-EXTERNAL-SERVICES matches ``-m addrtype
+    --dst-type LOCAL`` on every local address whatever nodePortAddresses says (upstream's
+    iptables proxier writes it the same way), while KUBE-NODEPORTS is reached only from the
+    nodePortAddresses IPs. (With endpoints both modes leave such a packet alone.)"""
+    objs = [_web(svc_type="NodePort")]
+    packet = _packet(OUTSIDE, "tcp", destination, 30010, family)
+    nft, ipt = _trace_both(objs, packet, family, variant)
+    assert (nft.output, nft.masquerade) == (ipt.output, ipt.masquerade), str(Mismatch(packet, nft, ipt))

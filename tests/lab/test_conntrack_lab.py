@@ -18,22 +18,21 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from builders import UDP_SERVICE, UDP_SLICE, endpoint_slice, node, service, state_with
 from kubeproxy.backends.conntrack import ConntrackReconciler
-from kubeproxy.backends.nftables.backend import NftablesBackend
-from kubeproxy.backends.nftables.render import NftOptions
 from kubeproxy.config import ConntrackConfig
 from kubeproxy.kernel.conntrack import ConntrackCli, Flow
-from kubeproxy.kernel.nft import NftCli
 from kubeproxy.kernel.sysctl import CONNTRACK_MAX, ProcSysctl, apply_conntrack_sysctls
 from kubeproxy.lab.cluster import Lab
 from kubeproxy.lab.netns import call_in_netns, lab_unavailable_reason, run
 from kubeproxy.lab.probe import udp_probe
 from kubeproxy.model.service import IPFamily
 from kubeproxy.state.snapshot import ProxyState
+from modes import MODES, Mode
 from waiting import wait_until
 
 _REASON = lab_unavailable_reason()
@@ -116,7 +115,7 @@ def client(netns: str, ip: str, port: int) -> Iterator[Client]:
         c.close()
 
 
-def move_endpoint(st: ProxyState, backend: NftablesBackend, plan: Plan, name: str, to: str) -> None:
+def move_endpoint(st: ProxyState, backend: Any, plan: Plan, name: str, to: str) -> None:
     st.on_endpoint_slice(
         ("ns1", f"{name}-x"),
         endpoint_slice(f"{name}-x", name, [to], ports=DNS_SLICE, address_type=plan.address_type),
@@ -126,10 +125,13 @@ def move_endpoint(st: ProxyState, backend: NftablesBackend, plan: Plan, name: st
     backend.sync(st, result.changed, full=False)
 
 
+@pytest.mark.parametrize("mode", MODES, ids=lambda m: m.name)
 @pytest.mark.parametrize("family", [IPFamily.V4, IPFamily.V6], ids=["ipv4", "ipv6"])
-def test_udp_clusterip_flow_moves_to_the_new_endpoint_only_after_cleanup(lab: Lab, family: IPFamily) -> None:
+def test_udp_clusterip_flow_moves_to_the_new_endpoint_only_after_cleanup(
+    lab: Lab, family: IPFamily, mode: Mode
+) -> None:
     plan = PLANS[family]
-    backend = NftablesBackend(NftCli(netns=lab.node_ns), NftOptions(family=family, cluster_cidrs=(plan.cluster_cidr,)))
+    backend = mode.backend(lab.node_ns, mode.options(family=family, cluster_cidrs=(plan.cluster_cidr,)))
     st = state_with(
         node(),
         service("dns", plan.service_ip, ports=DNS),
@@ -153,11 +155,11 @@ def test_udp_clusterip_flow_moves_to_the_new_endpoint_only_after_cleanup(lab: La
         backend.cleanup()
 
 
+@pytest.mark.parametrize("mode", MODES, ids=lambda m: m.name)
 @pytest.mark.parametrize("family", [IPFamily.V4, IPFamily.V6], ids=["ipv4", "ipv6"])
-def test_udp_nodeport_flow_from_outside_moves_only_after_cleanup(lab: Lab, family: IPFamily) -> None:
+def test_udp_nodeport_flow_from_outside_moves_only_after_cleanup(lab: Lab, family: IPFamily, mode: Mode) -> None:
     plan = PLANS[family]
-    opts = NftOptions(family=family, cluster_cidrs=(plan.cluster_cidr,))
-    backend = NftablesBackend(NftCli(netns=lab.node_ns), opts)
+    backend = mode.backend(lab.node_ns, mode.options(family=family, cluster_cidrs=(plan.cluster_cidr,)))
     ports = [{**DNS[0], "nodePort": 30053}]
     v6 = family is IPFamily.V6
     node_ip = lab.node_ip6 if v6 else lab.node_ip
