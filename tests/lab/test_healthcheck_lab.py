@@ -82,7 +82,8 @@ def _get(host: str, port: int) -> tuple[int, dict[str, object], str] | None:
         conn.close()
 
 
-def test_daemon_serves_health_check_node_port_to_the_outside(tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", ["nftables", "iptables"])
+def test_daemon_serves_health_check_node_port_to_the_outside(tmp_path: Path, mode: str) -> None:
     manifests = tmp_path / "manifests"
     manifests.mkdir()
     _write(manifests / "service.yaml", SERVICE)
@@ -103,9 +104,16 @@ def test_daemon_serves_health_check_node_port_to_the_outside(tmp_path: Path) -> 
             got = [probe(ip) for ip in node_ips]
             return all(g is not None and g[0] == status and g[1]["localEndpoints"] == local for g in got)
 
+        if mode == "iptables":
+            # A host firewall that drops by default: iptables mode's filter KUBE-NODEPORTS accepts
+            # health-check ports anyway (upstream #97225).
+            lab.exec(lab.node_ns, ["ip6tables-nft", "-A", "INPUT", "-p", "icmpv6", "-j", "ACCEPT"])  # NDP
+            for tool in ("iptables-nft", "ip6tables-nft"):
+                lab.exec(lab.node_ns, [tool, "-P", "INPUT", "DROP"])
         proc = lab.spawn(
             lab.node_ns,
-            [sys.executable, "-m", "kubeproxy", f"--manifests={manifests}", "--hostname-override=node1",
+            [sys.executable, "-m", "kubeproxy", f"--proxy-mode={mode}", f"--manifests={manifests}",
+             "--hostname-override=node1",
              f"--cluster-cidr={CLUSTER_CIDR},fd00:10:244::/64", "--v=2", "--iptables-min-sync-period=100ms"],
             log_path=str(log),
         )  # fmt: skip
