@@ -228,3 +228,19 @@ def test_render_subcommand_prints_iptables_save_text(tmp_path: Path, capsys: pyt
     assert main(["render", "--proxy-mode=iptables", f"--manifests={tmp_path}", "--hostname-override=node1"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("*filter\n") and '"ns1/web:http has no endpoints"' in out and "*nat\n" in out
+
+
+def test_rule_counts_follow_the_kernel_through_partial_syncs() -> None:
+    st, ipt = two_services(), FakeIptables()
+    be = IptablesBackend(ipt, OPTS)
+
+    def in_kernel(table: str) -> int:
+        return sum(len(r) for c, r in ipt.chains(V4, table).items())
+
+    be.sync(st, set(), full=True)
+    assert be.rule_counts == {"filter": in_kernel("filter"), "nat": in_kernel("nat")}
+    st.on_endpoint_slice(("ns1", "s1"), endpoint_slice("s1", "svc1", ["10.244.1.2"]))
+    st.on_service(NamespacedName("ns1", "svc3"), service("svc3", "10.96.0.30"))
+    be.sync(st, st.commit().changed, full=False)
+    assert be.rule_counts == {"filter": in_kernel("filter"), "nat": in_kernel("nat")}
+    assert 0 < be.written_counts["nat"] < be.rule_counts["nat"]

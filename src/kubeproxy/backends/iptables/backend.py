@@ -164,6 +164,7 @@ class IptablesBackend:
         # kernel after the last sync, and rules the last sync wrote.
         self.rule_counts: dict[str, int] = {}
         self.written_counts: dict[str, int] = {}
+        self._owned: dict[str, int] = dict.fromkeys((FILTER, NAT), 0)
 
     @property
     def mode(self) -> str:
@@ -307,22 +308,22 @@ class IptablesBackend:
                 self._synced_once = False
                 raise
 
-        # Commit bookkeeping.
+        # Commit bookkeeping (rule counts kept incrementally: a partial sync costs what it changed).
+        written = dict.fromkeys((FILTER, NAT), 0)
         if full:
             self._chains = {}
+            self._owned = dict.fromkeys((FILTER, NAT), 0)
+            for (table, _chain), rules in builtin_jumps(self.opts).items():
+                self._owned[table] += len(rules)
+        for key, rules in writes.items():
+            self._owned[key[0]] += len(rules) - len(self._chains.get(key, ()))
+            written[key[0]] += len(rules)
         self._chains.update(writes)
         for key in retired:
-            self._chains.pop(key, None)
+            self._owned[key[0]] -= len(self._chains.pop(key, ()))
         self._fragments = merged
         self._synced_once = True
-        self.rule_counts = {
-            table: sum(len(rules) for (t, _), rules in self._chains.items() if t == table) for table in (FILTER, NAT)
-        }
-        for (table, _chain), rules in builtin_jumps(self.opts).items():
-            self.rule_counts[table] += len(rules)
-        self.written_counts = {
-            table: sum(len(rules) for (t, _), rules in writes.items() if t == table) for table in (FILTER, NAT)
-        }
+        self.rule_counts, self.written_counts = dict(self._owned), written
         return SyncOutcome(full=full, commands=restore.count("\n"), services_rendered=len(targets), followup_after=None)
 
     def _restore_input(
