@@ -244,3 +244,22 @@ def test_rule_counts_follow_the_kernel_through_partial_syncs() -> None:
     be.sync(st, st.commit().changed, full=False)
     assert be.rule_counts == {"filter": in_kernel("filter"), "nat": in_kernel("nat")}
     assert 0 < be.written_counts["nat"] < be.rule_counts["nat"]
+
+
+def test_a_cold_start_in_large_cluster_mode_renders_each_service_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    from kubeproxy.backends.iptables import backend as backend_mod
+
+    calls: list[object] = []
+    real = backend_mod.render_service
+
+    def counting(*args: object, **kwargs: object) -> object:
+        calls.append(args[0])
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(backend_mod, "render_service", counting)
+    ips = [f"10.244.{i // 250}.{i % 250 + 1}" for i in range(1001)]
+    st = state_with(
+        node(), service("big", "10.96.0.99"), endpoint_slice("b", "big", ips), service("svc1", "10.96.0.10")
+    )
+    IptablesBackend(FakeIptables(), OPTS).sync(st, set(), full=True)
+    assert len(calls) == 2  # two Services, one render each

@@ -198,6 +198,23 @@ class IptablesBackend:
             rules += nodeports_jumps(self.opts, state.node.addresses, self._local_addresses)
         return tuple(rules)
 
+    def _count_endpoints(self, state: ProxyState) -> int:
+        v6 = self.opts.family is IPFamily.V6
+        return sum(
+            1
+            for ports in state.services.values()
+            for port in ports.values()
+            for ep in state.service_endpoints(port)
+            if (":" in ep.ip) is v6
+        )
+
+    def _set_large(self, large: bool) -> None:
+        if large != self._large:
+            log.info(
+                "large cluster mode family=%s enabled=%s (endpoints > %d)", self.family, large, LARGE_CLUSTER_ENDPOINTS
+            )
+        self._large = large
+
     def _refresh_addresses(self) -> None:
         if self._interface_addresses is None or self.opts.nodeport_match_all or not self.opts.nodeport_cidrs:
             return
@@ -232,6 +249,9 @@ class IptablesBackend:
         targets = sorted(state.services) if full else sorted(set(changed))
         if full:
             fragments = {}
+            # Decide the mode before rendering, so a cold start renders once (upstream counts the
+            # endpoints of every Service port of this family, whatever the traffic policies).
+            self._set_large(self._count_endpoints(state) > LARGE_CLUSTER_ENDPOINTS)
         comments = not self._large
         new_fragments: dict[NamespacedName, Fragment] = {}
         for svc in targets:
@@ -239,10 +259,8 @@ class IptablesBackend:
         merged = {**fragments, **new_fragments}
         large = sum(f.endpoints for f in merged.values()) > LARGE_CLUSTER_ENDPOINTS
         if large != self._large:
-            log.info(
-                "large cluster mode family=%s enabled=%s (endpoints > %d)", self.family, large, LARGE_CLUSTER_ENDPOINTS
-            )
-            self._large, full = large, True
+            self._set_large(large)
+            full = True
             targets = sorted(state.services)
             new_fragments = {svc: self._fragment(state, svc, comments=not large) for svc in targets}
             fragments = {}

@@ -14,6 +14,7 @@ Upstream vectors (reference/upstream.md section 3.2): ``ns1/svc1:p80`` + ``tcp``
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 
 from kubeproxy.model.service import ServicePortName
@@ -26,6 +27,9 @@ SEP = "KUBE-SEP-"
 SERVICE_CHAIN_PREFIXES = (SVC, SVL, EXT, FW, SEP)
 
 
+# Rendering 10k Services x 10 endpoints asks for ~400k names, most of them again on every full sync:
+# hashing dominated the render before these caches (pure-Python base32).
+@functools.lru_cache(maxsize=1 << 18)
 def _hash(text: str) -> str:
     return base64.b32encode(hashlib.sha256(text.encode()).digest()).decode()[:16]
 

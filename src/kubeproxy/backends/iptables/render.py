@@ -128,7 +128,7 @@ class Fragment:
 
     chains: Mapping[str, Rules] = field(default_factory=dict)
     shared: Mapping[ChainKey, Rules] = field(default_factory=dict)
-    endpoints: int = 0  # endpoint chains: counts toward large-cluster mode
+    endpoints: int = 0  # endpoints of this family over all ports (upstream's large-cluster-mode count)
 
 
 EMPTY = Fragment()
@@ -259,8 +259,8 @@ def _dst(proto: str, ip: str, port: int) -> str:
     return f"-m {proto} -p {proto} -d {ip} --dport {port}"
 
 
-def render_service_port(plan: PortPlan, opts: IptOptions, out: _Writer, *, comments: bool = True) -> int:
-    """Write one Service port's rules into ``out``; returns its number of endpoint chains."""
+def render_service_port(plan: PortPlan, opts: IptOptions, out: _Writer, *, comments: bool = True) -> None:
+    """Write one Service port's rules into ``out``."""
     svc = plan.svc
     spn, proto, port = str(svc.name), svc.protocol.nft, svc.port
     h = names.service_hash(svc.name)
@@ -275,19 +275,21 @@ def render_service_port(plan: PortPlan, opts: IptOptions, out: _Writer, *, comme
             return f"{comment(f'{spn} has no endpoints')} {match} -j REJECT"
         return f"{comment(f'{spn} has no local endpoints')} {match} -j DROP"
 
+    seps = {(ep.ip, ep.port): names.endpoint_chain(svc.name, ep.ip, ep.port) for ep in cat.all_reachable}
+
     def endpoint_rules(chain: str, endpoints: Sequence[Endpoint]) -> None:
         rules = out.chain(chain)
         n = len(endpoints)
+        notes = [
+            f"{comment(f'{spn} -> {names.endpoint_text(ep.ip, ep.port)}')} " if comments else "" for ep in endpoints
+        ]
         if svc.affinity_timeout is not None:
-            for ep in endpoints:
-                sep = names.endpoint_chain(svc.name, ep.ip, ep.port)
-                note = f"{comment(f'{spn} -> {names.endpoint_text(ep.ip, ep.port)}')} " if comments else ""
+            for ep, note in zip(endpoints, notes, strict=True):
+                sep = seps[(ep.ip, ep.port)]
                 rules.append(f"{note}-m recent --name {sep} --rcheck --seconds {svc.affinity_timeout} --reap -j {sep}")
-        for i, ep in enumerate(endpoints):
-            sep = names.endpoint_chain(svc.name, ep.ip, ep.port)
-            note = f"{comment(f'{spn} -> {names.endpoint_text(ep.ip, ep.port)}')} " if comments else ""
+        for i, (ep, note) in enumerate(zip(endpoints, notes, strict=True)):
             pick = f"-m statistic --mode random --probability {_probability(n - i)} " if i < n - 1 else ""
-            rules.append(f"{note}{pick}-j {sep}")
+            rules.append(f"{note}{pick}-j {seps[(ep.ip, ep.port)]}")
 
     # Internal traffic: the ClusterIP.
     cluster_dst = _dst(proto, plan.cluster_ip, port)
@@ -381,7 +383,6 @@ def render_service_port(plan: PortPlan, opts: IptOptions, out: _Writer, *, comme
             KUBE_NODEPORTS,
             f"{comment(f'{spn} health check node port')} -m tcp -p tcp --dport {svc.health_check_node_port} -j ACCEPT",
         )
-    return len(cat.all_reachable)
 
 
 def render_service(
@@ -396,10 +397,13 @@ def render_service(
     """One Service (all its ports) as a Fragment."""
     out = _Writer()
     endpoints = 0
+    v6 = opts.family is IPFamily.V6
     for svc in sorted(ports, key=lambda p: p.name):
-        plan = plan_port(svc, endpoints_of(svc), opts.family, node, node_ips)
+        eps = endpoints_of(svc)
+        plan = plan_port(svc, eps, opts.family, node, node_ips)
         if plan is not None:
-            endpoints += render_service_port(plan, opts, out, comments=comments)
+            render_service_port(plan, opts, out, comments=comments)
+            endpoints += sum(1 for ep in eps if (":" in ep.ip) is v6)
     if not (out.chains or out.shared):
         return EMPTY
     return Fragment(
