@@ -53,8 +53,9 @@ kept out of the probes, and each shown to exist by a deterministic test below:
    chain's drop and iptables' from a "has no endpoints" REJECT in KUBE-EXTERNAL-SERVICES.
 4. The node connecting to an externalIP or LB IP of a Service without usable endpoints: nftables
    mode answers from ``filter-output`` or ``filter-output-pre-dnat`` (REJECT through
-   ``no-endpoint-services``, or DROP in the LB firewall chain); iptables mode hooks its "has no endpoints" rules for external destinations
-   (``KUBE-EXTERNAL-SERVICES``) only from INPUT and FORWARD, so the node's own packet is left alone
+   ``no-endpoint-services``, or DROP in the LB firewall chain); iptables mode hooks its "has no
+   endpoints" rules for external destinations (``KUBE-EXTERNAL-SERVICES``) only from INPUT and
+   FORWARD, so the node's own packet is left alone
    (routed towards that IP). Both are upstream's layouts. Tolerated only when iptables answers ("",
    no masquerade), nft's packet went through the output hooks and its verdict came from
    ``reject-chain`` after ``service-endpoints-check`` or from a ``firewall-*`` chain's drop.
