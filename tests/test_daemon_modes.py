@@ -72,7 +72,8 @@ def test_nftables_mode_removes_the_iptables_layout() -> None:
     nft, ipt = programmed_both()
     remove_other_modes(cfg(ProxyMode.NFTABLES), nft=nft, iptables=[ipt])
     for family in (V4, V6):
-        assert not [c for t in ("filter", "nat", "mangle") for c in ipt.chains(family, t) if c.startswith("KUBE-")]
+        left = {c for t in ("filter", "nat", "mangle") for c in ipt.chains(family, t) if c.startswith("KUBE-")}
+        assert left <= {"KUBE-FIREWALL", "KUBE-MARK-MASQ"}  # shared with kubelet: never deleted (upstream)
     assert ("ip", "kube-proxy") in nft.tables  # its own table stays
 
 
@@ -87,7 +88,8 @@ def test_cleanup_removes_every_modes_rules() -> None:
     nft, ipt = programmed_both()
     assert daemon.cleanup(nft, [ipt]) == 0
     assert nft.tables == {}
-    assert not [c for t in ("filter", "nat") for c in ipt.chains(V4, t) if c.startswith("KUBE-")]
+    left = {c for t in ("filter", "nat") for c in ipt.chains(V4, t) if c.startswith("KUBE-")}
+    assert left <= {"KUBE-FIREWALL", "KUBE-MARK-MASQ"}
 
 
 def test_a_failing_leftover_cleanup_is_logged_not_fatal(caplog: pytest.LogCaptureFixture) -> None:
@@ -118,3 +120,14 @@ def test_the_running_daemon_in_iptables_mode_and_its_switch_from_nftables() -> N
             assert await task == 0
 
         asyncio.run(scenario())
+
+
+def test_a_bad_iptables_backend_override_is_a_configuration_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from kubeproxy.cli import main
+
+    # The override is checked before anything runs: nothing on this host is read or written.
+    monkeypatch.setenv("KUBE_PROXY_IPTABLES_MODE", "bogus")
+    assert main(["--proxy-mode=iptables", f"--manifests={tmp_path}", "--hostname-override=node1"]) == 2
+    assert "invalid configuration: iptables mode: KUBE_PROXY_IPTABLES_MODE='bogus'" in capsys.readouterr().err

@@ -184,17 +184,49 @@ def test_localhost_nodeports_set_route_localnet_and_guard_loopback() -> None:
     assert "! -d 127.0.0.0/8 -j KUBE-NODEPORTS" in ipt2.chains(V4, "nat")["KUBE-SERVICES"][-1]
 
 
+KUBELET = (  # what kubelet writes (pkg/kubelet/kubelet_network_linux.go): the localnet guard is its own
+    "*filter\n:KUBE-FIREWALL - [0:0]\n:KUBE-KUBELET-CANARY - [0:0]\n"
+    '-A KUBE-FIREWALL -m comment --comment "block incoming localnet connections" -d 127.0.0.0/8 ! -s 127.0.0.0/8 '
+    "-m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP\n"
+    "-A INPUT -j KUBE-FIREWALL\n-A OUTPUT -j KUBE-FIREWALL\nCOMMIT\n"
+)
+
+
 def test_cleanup_removes_our_layout_and_nothing_else() -> None:
     ipt = FakeIptables()
     ipt.restore(V4, "*filter\n:DOCKER - [0:0]\n-A FORWARD -j DOCKER\nCOMMIT\n")
+    ipt.restore(V4, KUBELET)
+    kubelet_filter = ipt.chains(V4, "filter")
     be = IptablesBackend(ipt, OPTS)
     be.sync(two_services(), set(), full=True)
     assert be.cleanup() is True
-    assert ipt.chains(V4, "filter") == {"INPUT": [], "FORWARD": ["-j DOCKER"], "OUTPUT": [], "DOCKER": []}
-    assert set(ipt.chains(V4, "nat")) == {"PREROUTING", "INPUT", "OUTPUT", "POSTROUTING"}
-    assert all(not rules for rules in ipt.chains(V4, "nat").values())
+    # Exactly what was there before us: kubelet's CVE-2020-8558 guard and its jumps, Docker's chain.
+    assert ipt.chains(V4, "filter") == kubelet_filter
+    # KUBE-MARK-MASQ is shared with kubelet (upstream never deletes it); everything else of ours goes.
+    assert {c: r for c, r in ipt.chains(V4, "nat").items() if r} == {"KUBE-MARK-MASQ": ["-j MARK --or-mark 0x4000"]}
+    assert set(ipt.chains(V4, "nat")) == {"PREROUTING", "INPUT", "OUTPUT", "POSTROUTING", "KUBE-MARK-MASQ"}
     assert cleanup_leftovers(ipt, V4) is False  # nothing left: no restore at all
     assert be.sync(two_services(), set(), full=False).full  # and the backend starts over
+
+
+def test_without_localhost_nodeports_kubelets_guard_is_left_alone() -> None:
+    ipt = FakeIptables()
+    ipt.restore(V4, KUBELET)
+    off = IptOptions(cluster_cidrs=(CLUSTER_CIDR,), localhost_nodeports=False)
+    IptablesBackend(ipt, off).sync(two_services(), set(), full=True)
+    filt = ipt.chains(V4, "filter")
+    assert "block incoming localnet connections" in filt["KUBE-FIREWALL"][0]
+    assert filt["INPUT"].count("-j KUBE-FIREWALL") == 1
+
+
+def test_a_chain_of_ours_someone_else_jumps_to_is_left_intact() -> None:
+    ipt = FakeIptables()
+    be = IptablesBackend(ipt, OPTS)
+    be.sync(two_services(), set(), full=True)
+    ipt.restore(V4, "*nat\n:OTHER - [0:0]\n-A OTHER -j KUBE-POSTROUTING\nCOMMIT\n")
+    be.cleanup()
+    assert ipt.chains(V4, "nat")["KUBE-POSTROUTING"]  # not flushed under someone's feet
+    assert not [c for c in ipt.chains(V4, "nat") if c.startswith(("KUBE-SVC-", "KUBE-SEP-", "KUBE-SERVICES"))]
 
 
 def test_upstream_leftovers_are_cleaned_including_retired_chain_names() -> None:
@@ -263,3 +295,30 @@ def test_a_cold_start_in_large_cluster_mode_renders_each_service_once(monkeypatc
     )
     IptablesBackend(FakeIptables(), OPTS).sync(st, set(), full=True)
     assert len(calls) == 2  # two Services, one render each
+
+
+def test_comments_fit_the_kernels_limit_whatever_the_names() -> None:
+    from kubeproxy.backends.iptables.render import MAX_COMMENT
+
+    long = "s" * 250
+    st = state_with(node(), service(long, "10.96.0.77"), endpoint_slice("l", long, ["10.244.1.2"]))
+    rs = render_state(st, OPTS)
+    comments = [
+        r.split("--comment ", 1)[1]
+        for t in rs.tables.values()
+        for rules in t.values()
+        for r in rules
+        if "--comment" in r
+    ]
+    texts = [c[1:].split('"', 1)[0] if c.startswith('"') else c.split()[0] for c in comments]
+    assert any(long in t for t in texts) and max(len(t) for t in texts) == MAX_COMMENT
+
+
+@pytest.mark.parametrize(
+    ("spec", "active"),
+    [((), True), (("all",), True), (("127.0.0.1/32",), True), (("127.0.0.0/8",), True), (("0.0.0.0/1",), True),
+     (("primary",), False), (("10.0.0.0/8",), False), (("128.0.0.0/1",), False)],
+)  # fmt: skip
+def test_localhost_nodeports_follow_upstreams_loopback_rule(spec: tuple[str, ...], active: bool) -> None:
+    assert IptOptions(nodeport_addresses=spec).localhost_nodeports_active is active
+    assert IptOptions(family=V6, nodeport_addresses=spec).localhost_nodeports_active is False

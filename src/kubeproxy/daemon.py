@@ -357,7 +357,11 @@ async def run(
     # another namespace's adapters (tests, the lab) never touches the host unless given adapters.
     if cfg.mode is ProxyMode.IPTABLES:
         real_kernel = iptables is None
-        iptables = iptables or IptablesCli(detect_mode())
+        if iptables is None:
+            try:
+                iptables = IptablesCli(detect_mode())
+            except KernelError as exc:  # a bad KUBE_PROXY_IPTABLES_MODE, or no iptables binaries
+                raise ConfigError(f"iptables mode: {exc}") from exc
         real_kernel = real_kernel and isinstance(iptables, IptablesCli)
         others_nft = nft if nft is not None else (NftCli() if real_kernel else None)
         leftover_ipts: list[Iptables] = []

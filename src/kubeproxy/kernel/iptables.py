@@ -235,7 +235,10 @@ class IptablesCli:
             )
 
     def save(self, family: IPFamily, table: str) -> str:
-        # Note: iptables-legacy-save -t TABLE makes the kernel instantiate TABLE in this namespace.
+        if self.mode is IptablesMode.LEGACY and table not in self._legacy_tables(family):
+            # iptables-legacy-save -t TABLE would make the kernel instantiate TABLE in this namespace
+            # (a cleanup or a check must not create what it looks for).
+            return ""
         proc = self._exec([self.binary(family, "save"), "-t", table])
         if proc.returncode != 0:
             # nft: "Table `x' does not exist"; legacy: "Cannot initialize: Table does not exist ...".
@@ -251,6 +254,12 @@ class IptablesCli:
 
     def chains(self, family: IPFamily, table: str) -> dict[str, list[str]]:
         return parse_save(self.save(family, table), table)
+
+    def _legacy_tables(self, family: IPFamily) -> set[str]:
+        """The legacy (x_tables) tables the kernel has instantiated in this namespace."""
+        names = "/proc/net/ip6_tables_names" if family is IPFamily.V6 else "/proc/net/ip_tables_names"
+        proc = self._exec(["cat", names])
+        return set(proc.stdout.split()) if proc.returncode == 0 else set()
 
 
 # --------------------------------------------------------------------------------------------

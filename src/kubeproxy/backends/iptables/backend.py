@@ -15,8 +15,9 @@ Every chain we write is declared (``:CHAIN - [0:0]``), which flushes it, then re
   chains are deleted in the same input. iptables-nft needs ~15 s to restore 49k rules here
   (reference/dependencies.md section 3), so what a partial sync sends must be proportional to the
   change, not to the cluster.
-Bookkeeping is committed only after the kernel accepted the input: a failed restore leaves our
-record equal to the kernel, and the retry is a full sync.
+Bookkeeping is committed only after the kernel accepted the input. A failed restore may still have
+applied an earlier ``*table`` block (each block is its own kernel transaction), so after a failure
+the next sync is a full one, which reads the kernel back and rewrites everything of ours.
 
 The canary chain ``KUBE-PROXY-CANARY`` (mangle, nat, filter) lets ``present`` notice that someone
 flushed the tables (upstream's ``iptables.Monitor``), checked on the small mangle table only.
@@ -34,7 +35,6 @@ from kubeproxy.backends.iptables.render import (
     CANARY,
     EMPTY,
     FILTER,
-    KUBE_FIREWALL,
     KUBE_SERVICES,
     LARGE_CLUSTER_ENDPOINTS,
     MANGLE,
@@ -59,12 +59,14 @@ log = logging.getLogger("kubeproxy.iptables")
 
 ROUTE_LOCALNET = "net/ipv4/conf/all/route_localnet"
 
-# Chains of our layout that are not per-Service (KUBE-FIREWALL and KUBE-MARK-MASQ were kubelet's too,
-# once; cleanup deletes them only when nothing else refers to them).
+# Chains of our layout that are not per-Service and that cleanup removes. KUBE-FIREWALL and
+# KUBE-MARK-MASQ are shared with kubelet (it owns KUBE-FIREWALL's localnet DROP rule, the
+# CVE-2020-8558 guard, and its jumps from INPUT/OUTPUT): as upstream, we write them but never
+# delete them.
 STATIC_CHAINS = {
     FILTER: ("KUBE-SERVICES", "KUBE-EXTERNAL-SERVICES", "KUBE-FORWARD", "KUBE-NODEPORTS", "KUBE-PROXY-FIREWALL",
-             KUBE_FIREWALL, CANARY),
-    NAT: ("KUBE-SERVICES", "KUBE-NODEPORTS", "KUBE-POSTROUTING", "KUBE-MARK-MASQ", CANARY),
+             CANARY),
+    NAT: ("KUBE-SERVICES", "KUBE-NODEPORTS", "KUBE-POSTROUTING", CANARY),
     MANGLE: (CANARY,),
 }  # fmt: skip
 
@@ -111,28 +113,27 @@ def is_ours(table: str, chain: str) -> bool:
 
 def cleanup_input(existing: Mapping[str, Mapping[str, Sequence[str]]]) -> str:
     """iptables-restore input that removes our layout from ``existing`` (table -> chain -> saved
-    rules): our jump rules leave the built-in chains, our chains are flushed, then deleted unless a
-    rule we do not own still refers to them. Empty when there is nothing of ours."""
+    rules): the built-in chains' jumps to our chains are deleted, our chains flushed and deleted. A
+    chain of ours that someone else's chain still jumps to is left as it is, and so is everything
+    not ours (kubelet's KUBE-FIREWALL and its jumps included). Empty when there is nothing of ours."""
     blocks: list[str] = []
     for table in (FILTER, NAT, MANGLE):
         chains = existing.get(table, {})
-        ours = sorted(c for c in chains if is_ours(table, c))
-        if not ours:
-            continue
         builtin = set(BUILTIN_CHAINS[table])
-        lines = [f"*{table}", *(f":{c} - [0:0]" for c in ours)]
-        kept_refs: set[str] = set()
-        for chain, rules in chains.items():
-            if chain in ours:
-                continue
-            for rule in rules:
-                target = _target(rule)
-                if target in ours:
-                    if chain in builtin:
-                        lines.append(f"-D {chain} {rule}")
-                    else:
-                        kept_refs.add(target)  # someone else's chain jumps to it: leave it (empty)
-        lines += [f"-X {c}" for c in ours if c not in kept_refs]
+        ours = {c for c in chains if is_ours(table, c)}
+        kept = {
+            _target(rule)
+            for chain, rules in chains.items()
+            if chain not in ours and chain not in builtin
+            for rule in rules
+        }
+        gone = sorted(ours - kept)
+        if not gone:
+            continue
+        lines = [f"*{table}", *(f":{c} - [0:0]" for c in gone)]
+        lines += [f"-D {chain} {rule}" for chain in sorted(builtin & chains.keys()) for rule in chains[chain]
+                  if _target(rule) in gone]  # fmt: skip
+        lines += [f"-X {c}" for c in gone]
         lines.append("COMMIT")
         blocks.append("\n".join(lines))
     return "\n".join(blocks) + "\n" if blocks else ""
@@ -290,9 +291,6 @@ class IptablesBackend:
                         chain,
                     ) not in writes:
                         retired.add((table, chain))
-            if KUBE_FIREWALL in existing[FILTER] and (FILTER, KUBE_FIREWALL) not in writes:
-                # Localhost NodePorts turned off: empty the localnet rule's chain (kubelet may own it).
-                writes[(FILTER, KUBE_FIREWALL)] = ()
         else:
             touched: set[ChainKey] = set()
             for svc, new in new_fragments.items():

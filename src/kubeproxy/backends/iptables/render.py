@@ -75,8 +75,16 @@ LARGE_CLUSTER_ENDPOINTS = 1000
 _LOOPBACK_V4 = ipaddress.IPv4Network("127.0.0.0/8")
 
 
+# The kernel's XT_MAX_COMMENT_LEN is 256 bytes with the NUL: a longer comment fails the whole restore.
+MAX_COMMENT = 255
+
+
 def comment(text: str) -> str:
-    """``-m comment --comment``, quoted when it has a space (iptables-save prints it that way too)."""
+    """``-m comment --comment``, quoted when it has a space (iptables-save prints it that way too).
+
+    Cut to the kernel's limit: the API server keeps Service names to 63 characters, but a name as long
+    as the model accepts (a 253-character DNS subdomain, from a manifest) must not fail every sync."""
+    text = text[:MAX_COMMENT]
     return f'-m comment --comment "{text}"' if " " in text else f"-m comment --comment {text}"
 
 
@@ -115,7 +123,9 @@ class IptOptions(ProxyOptions):
         """IPv4 NodePorts on 127.0.0.1 (upstream: localhostNodePorts and nodePortAddresses covers loopback)."""
         if self.family is not IPFamily.V4 or not self.localhost_nodeports:
             return False
-        return any(_LOOPBACK_V4.subnet_of(ipaddress.IPv4Network(c)) for c in self.nodeport_cidrs)
+        # Upstream's ContainsIPv4Loopback: a CIDR whose address is loopback, or one holding 127.0.0.0.
+        nets = [ipaddress.IPv4Network(c) for c in self.nodeport_cidrs]
+        return any(net.network_address.is_loopback or _LOOPBACK_V4.network_address in net for net in nets)
 
 
 Rules = tuple[str, ...]
