@@ -11,11 +11,14 @@ section 4.6); ``DEFAULT_NODEPORT_ADDRESSES`` carries it.
 from __future__ import annotations
 
 import ipaddress
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import ClassVar, Self
+from typing import ClassVar, Self, TypeVar
 
 from kubeproxy.model.service import IPFamily, family_of
+
+log = logging.getLogger("kubeproxy.backends")
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,3 +101,19 @@ class ProxyOptions:
             if (loopback or not ip.is_loopback) and any(ip in net for net in nets):
                 out.append(candidate)
         return tuple(dict.fromkeys(out))
+
+
+OptionsT = TypeVar("OptionsT", bound=ProxyOptions)
+
+
+def in_force(
+    configured: OptionsT, current: OptionsT, pod_cidrs: Sequence[str], *, family: str
+) -> tuple[OptionsT, bool]:
+    """The options for this sync (NodeCIDR detection follows the Node's podCIDRs), and whether they
+    changed since ``current``: the local-traffic match is in static and Service rules alike, so a
+    change means a full sync."""
+    opts = configured.for_node(pod_cidrs)
+    if opts == current:
+        return current, False
+    log.info("local traffic detection changed family=%s cidrs=%s", family, ",".join(opts.cluster_cidrs))
+    return opts, True

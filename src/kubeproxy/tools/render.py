@@ -48,22 +48,14 @@ def render_state(
     node's local addresses, which nodePortAddresses CIDRs select from)."""
     node = state.node
     if isinstance(opts, IptOptions):
-        return ipt_render.render_all(
-            state.services,
-            state.service_endpoints,
-            opts.for_node(node.pod_cidrs),
-            node.topology,
-            node.addresses,
-            interface_addresses=interface_addresses,
-        )
+        ipt_opts = opts.for_node(node.pod_cidrs)
+        args = (state.services, state.service_endpoints, ipt_opts, node.topology, node.addresses)
+        return ipt_render.render_all(*args, interface_addresses=interface_addresses)
+    nft_opts = opts.for_node(node.pod_cidrs)
     return render_all(
-        state.services,
-        state.service_endpoints,
-        opts.for_node(node.pod_cidrs),
-        node.topology,
-        node.addresses,
+        state.services, state.service_endpoints, nft_opts, node.topology, node.addresses,
         interface_addresses=interface_addresses,
-    )
+    )  # fmt: skip
 
 
 def main(argv: Sequence[str]) -> int:

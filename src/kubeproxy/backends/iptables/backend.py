@@ -49,6 +49,7 @@ from kubeproxy.backends.iptables.render import (
     render_service,
     static_chains,
 )
+from kubeproxy.backends.options import in_force
 from kubeproxy.kernel.errors import KernelError
 from kubeproxy.kernel.iptables import Iptables
 from kubeproxy.kernel.sysctl import Sysctl
@@ -238,10 +239,8 @@ class IptablesBackend:
     # -- sync --------------------------------------------------------------------------------
     def sync(self, state: ProxyState, changed: Collection[NamespacedName], *, full: bool) -> SyncOutcome:
         full = full or not self._synced_once
-        opts = self.configured.for_node(state.node.pod_cidrs)
-        if opts != self.opts:
-            log.info("local traffic detection changed family=%s cidrs=%s", self.family, ",".join(opts.cluster_cidrs))
-            self.opts, full = opts, True
+        self.opts, changed_opts = in_force(self.configured, self.opts, state.node.pod_cidrs, family=self.family)
+        full = full or changed_opts
         self._refresh_addresses()
 
         # Large-cluster mode follows upstream: above 1000 endpoints, no per-endpoint comments. Count

@@ -40,6 +40,7 @@ from kubeproxy.backends.nftables.render import (
     static_chains,
     table_commands,
 )
+from kubeproxy.backends.options import in_force
 from kubeproxy.kernel.errors import KernelError
 from kubeproxy.kernel.nft import Nft, NftError
 from kubeproxy.model.service import NamespacedName
@@ -165,12 +166,9 @@ class NftablesBackend:
     # -- sync --------------------------------------------------------------------------------
     def sync(self, state: ProxyState, changed: Collection[NamespacedName], *, full: bool) -> SyncOutcome:
         full = full or not self._synced_once
-        opts = self.configured.for_node(state.node.pod_cidrs)
-        if opts != self.opts:
-            # The local-traffic match is in static and Service chains alike: rewrite everything.
-            log.info("local traffic detection changed family=%s cidrs=%s", self.family, ",".join(opts.cluster_cidrs))
-            self.opts, full = opts, True
-        if opts.node_cidr and not opts.cluster_cidrs and not self._warned_no_pod_cidr:
+        self.opts, changed_opts = in_force(self.configured, self.opts, state.node.pod_cidrs, family=self.family)
+        full = full or changed_opts
+        if self.opts.node_cidr and not self.opts.cluster_cidrs and not self._warned_no_pod_cidr:
             log.warning(
                 "detect-local-mode NodeCIDR: the Node has no podCIDRs of this family yet; local traffic is not "
                 "detected until it has family=%s",
