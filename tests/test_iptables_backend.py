@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -38,9 +39,11 @@ def ours(ipt: FakeIptables, family: IPFamily, table: str) -> dict[str, list[str]
     return {c: r for c, r in ipt.chains(family, table).items() if c != CANARY}
 
 
-def kernel_matches_render(ipt: FakeIptables, st: ProxyState, opts: IptOptions = OPTS) -> None:
+def kernel_matches_render(
+    ipt: FakeIptables, st: ProxyState, opts: IptOptions = OPTS, interface_addresses: Sequence[str] = ()
+) -> None:
     """The fake kernel holds exactly what the pure renderer says (built-in chains: only our jumps)."""
-    want: IptRuleset = render_state(st, opts)
+    want: IptRuleset = render_state(st, opts, interface_addresses)
     for table, chains in want.tables.items():
         have = ours(ipt, opts.family, table)
         assert {c: tuple(r) for c, r in have.items() if r or c in chains} == {
@@ -322,3 +325,18 @@ def test_comments_fit_the_kernels_limit_whatever_the_names() -> None:
 def test_localhost_nodeports_follow_upstreams_loopback_rule(spec: tuple[str, ...], active: bool) -> None:
     assert IptOptions(nodeport_addresses=spec).localhost_nodeports_active is active
     assert IptOptions(family=V6, nodeport_addresses=spec).localhost_nodeports_active is False
+
+
+def test_a_partial_sync_that_crosses_into_large_cluster_mode_rewrites_everything() -> None:
+    st, ipt = (
+        state_with(node(), service("big", "10.96.0.99"), endpoint_slice("b", "big", ["10.244.1.2"])),
+        FakeIptables(),
+    )
+    be = IptablesBackend(ipt, OPTS)
+    be.sync(st, set(), full=True)
+    ips = [f"10.244.{i // 250}.{i % 250 + 1}" for i in range(1001)]
+    st.on_endpoint_slice(("ns1", "b"), endpoint_slice("b", "big", ips))
+    assert be.sync(st, st.commit().changed, full=False).full
+    sep = [r for c, rules in ours(ipt, V4, "nat").items() if c.startswith("KUBE-SEP-") for r in rules]
+    assert len(sep) == 2002 and not any("comment" in r for r in sep)
+    kernel_matches_render(ipt, st)

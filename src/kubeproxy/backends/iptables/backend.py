@@ -102,14 +102,14 @@ IPVS_CHAINS = {
 }
 
 
+def is_service_chain(chain: str) -> bool:
+    """Per-Service chains, ours and upstream's retired ``KUBE-XLB-`` ones."""
+    return names.is_service_chain(chain) or chain.startswith("KUBE-XLB-")
+
+
 def is_ours(table: str, chain: str) -> bool:
-    """Chains of our layout, of upstream's IPVS mode, and retired upstream prefixes (``KUBE-XLB-``)."""
-    return (
-        chain in STATIC_CHAINS.get(table, ())
-        or chain in IPVS_CHAINS.get(table, ())
-        or names.is_service_chain(chain)
-        or chain.startswith("KUBE-XLB-")
-    )
+    """Chains of our layout, of upstream's IPVS mode, and per-Service chains (retired ones included)."""
+    return chain in STATIC_CHAINS.get(table, ()) or chain in IPVS_CHAINS.get(table, ()) or is_service_chain(chain)
 
 
 def cleanup_input(existing: Mapping[str, Mapping[str, Sequence[str]]]) -> str:
@@ -158,19 +158,19 @@ class IptablesBackend:
         self._interface_addresses = interface_addresses
         self._local_addresses: tuple[str, ...] = ()
         self._sysctl = sysctl
-        self._fragments: dict[NamespacedName, Fragment] = {}
+        self._fragments: dict[NamespacedName, Fragment] = {}  # non-empty ones only
+        self._endpoints = 0  # sum of the fragments' endpoints (large-cluster mode)
         self._chains: dict[ChainKey, Rules] = {}  # what the kernel holds of ours, as we wrote it
         self._large = False
         self._synced_once = False
         # Metrics (upstream's sync_proxy_rules_iptables_total / _last): table -> our rules in the
-        # kernel after the last sync, and rules the last sync wrote.
-        self.rule_counts: dict[str, int] = {}
+        # kernel after the last sync (kept incrementally), and rules the last sync wrote.
+        self._owned: dict[str, int] = {}  # set to zeros by the first (full) sync
         self.written_counts: dict[str, int] = {}
-        self._owned: dict[str, int] = dict.fromkeys((FILTER, NAT), 0)
 
     @property
-    def mode(self) -> str:
-        return self.ipt.mode.value
+    def rule_counts(self) -> dict[str, int]:
+        return dict(self._owned)
 
     # -- helpers -----------------------------------------------------------------------------
     def _fragment(self, state: ProxyState, key: NamespacedName, *, comments: bool) -> Fragment:
@@ -243,29 +243,27 @@ class IptablesBackend:
         full = full or changed_opts
         self._refresh_addresses()
 
-        # Large-cluster mode follows upstream: above 1000 endpoints, no per-endpoint comments. Count
-        # with the fragments we would keep; switching modes rewrites everything.
-        fragments = dict(self._fragments)
-        targets = sorted(state.services) if full else sorted(set(changed))
+        # Large-cluster mode follows upstream: above 1000 endpoints, no per-endpoint comments; switching
+        # it rewrites everything. A full sync decides it before rendering (a cold start renders once;
+        # upstream counts the endpoints of every Service port of this family, whatever the traffic
+        # policies); a partial one from the running total, so it costs what changed.
         if full:
-            fragments = {}
-            # Decide the mode before rendering, so a cold start renders once (upstream counts the
-            # endpoints of every Service port of this family, whatever the traffic policies).
             self._set_large(self._count_endpoints(state) > LARGE_CLUSTER_ENDPOINTS)
-        comments = not self._large
-        new_fragments: dict[NamespacedName, Fragment] = {}
-        for svc in targets:
-            new_fragments[svc] = self._fragment(state, svc, comments=comments)
-        merged = {**fragments, **new_fragments}
-        large = sum(f.endpoints for f in merged.values()) > LARGE_CLUSTER_ENDPOINTS
-        if large != self._large:
-            self._set_large(large)
-            full = True
-            targets = sorted(state.services)
-            new_fragments = {svc: self._fragment(state, svc, comments=not large) for svc in targets}
-            fragments = {}
-            merged = dict(new_fragments)
-        merged = {svc: frag for svc, frag in merged.items() if frag is not EMPTY}
+        targets = sorted(state.services) if full else sorted(set(changed))
+        new_fragments = {svc: self._fragment(state, svc, comments=not self._large) for svc in targets}
+        if not full:
+            total = self._endpoints + sum(
+                frag.endpoints - self._fragments.get(svc, EMPTY).endpoints for svc, frag in new_fragments.items()
+            )
+            if (total > LARGE_CLUSTER_ENDPOINTS) != self._large:
+                self._set_large(not self._large)
+                full, targets = True, sorted(state.services)
+                new_fragments = {svc: self._fragment(state, svc, comments=not self._large) for svc in targets}
+
+        def merged() -> dict[NamespacedName, Fragment]:
+            """Every Service's fragment after this sync (built only when a shared chain needs it)."""
+            base = {} if full else self._fragments
+            return {svc: f for svc, f in {**base, **new_fragments}.items() if f is not EMPTY}
 
         # What to write: chain -> rules.
         writes: dict[ChainKey, Rules] = {}
@@ -277,19 +275,15 @@ class IptablesBackend:
             self._route_localnet()
             for key, rules in static_chains(self.opts).items():
                 writes[key] = rules
-            order = sorted(merged)
+            fragments = merged()
+            order = sorted(fragments)
             for key in SHARED_CHAINS:
-                writes[key] = self._shared(key, merged, order, state)
-            for frag in merged.values():
+                writes[key] = self._shared(key, fragments, order, state)
+            for frag in fragments.values():
                 for name, rules in frag.chains.items():
                     writes[(NAT, name)] = rules
             for table in (FILTER, NAT):
-                for chain in existing[table]:
-                    if (names.is_service_chain(chain) or chain.startswith("KUBE-XLB-")) and (
-                        table,
-                        chain,
-                    ) not in writes:
-                        retired.add((table, chain))
+                retired |= {(table, c) for c in existing[table] if is_service_chain(c) and (table, c) not in writes}
         else:
             touched: set[ChainKey] = set()
             for svc, new in new_fragments.items():
@@ -303,9 +297,10 @@ class IptablesBackend:
             if not self.opts.nodeport_match_all:
                 # The nodeports jumps at the end of nat KUBE-SERVICES follow the node's addresses.
                 touched.add((NAT, KUBE_SERVICES))
-            order = sorted(merged) if touched else []
+            fragments = merged() if touched else {}
+            order = sorted(fragments)
             for key in touched:
-                rules = self._shared(key, merged, order, state)
+                rules = self._shared(key, fragments, order, state)
                 if self._chains.get(key) != rules:
                     writes[key] = rules
             # A chain another Service still writes is not retired (two Services cannot share one,
@@ -336,9 +331,14 @@ class IptablesBackend:
         self._chains.update(writes)
         for key in retired:
             self._owned[key[0]] -= len(self._chains.pop(key, ()))
-        self._fragments = merged
+        if full:
+            self._fragments, self._endpoints = {}, 0
+        for svc, frag in new_fragments.items():
+            self._endpoints += frag.endpoints - self._fragments.pop(svc, EMPTY).endpoints
+            if frag is not EMPTY:
+                self._fragments[svc] = frag
         self._synced_once = True
-        self.rule_counts, self.written_counts = dict(self._owned), written
+        self.written_counts = written
         return SyncOutcome(full=full, commands=restore.count("\n"), services_rendered=len(targets), followup_after=None)
 
     def _restore_input(
