@@ -263,8 +263,8 @@ class Proxy:
                 log.error("sync failed family=%s error=%r", backend.family, str(exc))
                 raise
             self._record_success(family, result, full=outcome.full, began=began, committed=start)
-            if isinstance(backend, IptablesBackend):
-                self.metrics.set_iptables_rules(family, total=backend.rule_counts, written=backend.written_counts)
+            if outcome.rules_total is not None and outcome.rules_written is not None:
+                self.metrics.set_iptables_rules(family, total=outcome.rules_total, written=outcome.rules_written)
             if outcome.followup_after is not None:
                 followups.append(outcome.followup_after)
             log.log(

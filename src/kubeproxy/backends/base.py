@@ -8,7 +8,7 @@ backend ever installed (``--cleanup``, mode switches).
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -23,6 +23,10 @@ class SyncOutcome:
     commands: int
     services_rendered: int
     followup_after: float | None  # ask the runner for another sync after this many seconds
+    # iptables mode's metrics (upstream's sync_proxy_rules_iptables_total / _last): table -> our rules
+    # in the kernel after this sync, and rules this sync wrote. None for modes without them.
+    rules_total: Mapping[str, int] | None = None
+    rules_written: Mapping[str, int] | None = None
 
 
 class Backend(Protocol):

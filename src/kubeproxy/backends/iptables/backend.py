@@ -163,10 +163,8 @@ class IptablesBackend:
         self._chains: dict[ChainKey, Rules] = {}  # what the kernel holds of ours, as we wrote it
         self._large = False
         self._synced_once = False
-        # Metrics (upstream's sync_proxy_rules_iptables_total / _last): table -> our rules in the
-        # kernel after the last sync (kept incrementally), and rules the last sync wrote.
+        # table -> our rules in the kernel after the last sync (kept incrementally; metrics, bench)
         self._owned: dict[str, int] = {}  # set to zeros by the first (full) sync
-        self.written_counts: dict[str, int] = {}
 
     @property
     def rule_counts(self) -> dict[str, int]:
@@ -338,8 +336,14 @@ class IptablesBackend:
             if frag is not EMPTY:
                 self._fragments[svc] = frag
         self._synced_once = True
-        self.written_counts = written
-        return SyncOutcome(full=full, commands=restore.count("\n"), services_rendered=len(targets), followup_after=None)
+        return SyncOutcome(
+            full=full,
+            commands=restore.count("\n"),
+            services_rendered=len(targets),
+            followup_after=None,
+            rules_total=self.rule_counts,
+            rules_written=written,
+        )
 
     def _restore_input(
         self,
