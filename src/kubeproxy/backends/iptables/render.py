@@ -290,9 +290,7 @@ def render_service_port(plan: PortPlan, opts: IptOptions, out: _Writer, *, comme
     def endpoint_rules(chain: str, endpoints: Sequence[Endpoint]) -> None:
         rules = out.chain(chain)
         n = len(endpoints)
-        notes = [
-            f"{comment(f'{spn} -> {names.endpoint_text(ep.ip, ep.port)}')} " if comments else "" for ep in endpoints
-        ]
+        notes = [f"{comment(f'{spn} -> {ep}')} " if comments else "" for ep in endpoints]
         if svc.affinity_timeout is not None:
             for ep, note in zip(endpoints, notes, strict=True):
                 sep = seps[(ep.ip, ep.port)]
@@ -326,9 +324,7 @@ def render_service_port(plan: PortPlan, opts: IptOptions, out: _Writer, *, comme
             f"-m recent --name {names.endpoint_chain(svc.name, ep.ip, ep.port)} --set " if svc.affinity_timeout else ""
         )
         rules.append(f"{note}-s {ep.ip} {masq}")  # hairpin: a pod reaching itself through the Service
-        rules.append(
-            f"{note}{recent}-m {proto} -p {proto} -j DNAT --to-destination {names.endpoint_text(ep.ip, ep.port)}"
-        )
+        rules.append(f"{note}{recent}-m {proto} -p {proto} -j DNAT --to-destination {ep}")
 
     # External traffic: NodePort, ExternalIPs, LB IPs.
     if plan.externally_accessible:

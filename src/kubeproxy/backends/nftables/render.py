@@ -236,17 +236,13 @@ def render_static_elements(
     return frozenset((NODEPORT_IPS, ip, None) for ip in nodeport_addresses(node_addresses, opts, interface_addresses))
 
 
-def _dnat_target(ep: Endpoint) -> str:
-    return f"[{ep.ip}]:{ep.port}" if ":" in ep.ip else f"{ep.ip}:{ep.port}"
-
-
 def load_balance_rules(endpoints: Sequence[Endpoint], proto: str) -> tuple[str, ...]:
     """Uniform choice without registers or maps: rule i fires with probability 1/(n-i)."""
     n = len(endpoints)
     rules = []
     for i, ep in enumerate(endpoints):
         pick = f"numgen random mod {n - i} == 0 " if i < n - 1 else ""
-        rules.append(f"{pick}meta l4proto {proto} dnat to {_dnat_target(ep)}")
+        rules.append(f"{pick}meta l4proto {proto} dnat to {ep}")
     return tuple(rules)
 
 
@@ -288,7 +284,7 @@ def affinity_rules(
         base = names.endpoint_base(svc.name, ep.ip, ep.port)
         chain, aff = f"{names.ENDPOINT}-{base}", f"{names.AFFINITY}-{base}"
         sets[aff] = affinity_set_declaration(opts, svc.affinity_timeout)
-        chains[chain] = (f"update @{aff} {{ {ip} saddr }}", f"meta l4proto {proto} dnat to {_dnat_target(ep)}")
+        chains[chain] = (f"update @{aff} {{ {ip} saddr }}", f"meta l4proto {proto} dnat to {ep}")
         rules.append(f"{ip} saddr @{aff} goto {chain}")
         picks.append(f"numgen random mod {n - i} == 0 goto {chain}" if i < n - 1 else f"goto {chain}")
     return (*rules, *picks)
