@@ -426,7 +426,7 @@ def test_decide_mode_follows_the_wrapper() -> None:
 
 
 def test_detect_mode_without_binaries(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(ipt, "_which", lambda name: None)
+    monkeypatch.setattr(ipt, "find", lambda name: None)
     with pytest.raises(IptablesError, match="no iptables backend installed"):
         detect_mode(env={})
     assert available_modes() == []
@@ -436,12 +436,12 @@ def test_detect_mode_counts_a_missing_backend_as_empty(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     # Only legacy installed (and it has rules): the probes of nft binaries find nothing.
-    monkeypatch.setattr(ipt, "_which", lambda name: f"/usr/sbin/{name}" if "legacy" in name else None)
+    monkeypatch.setattr(ipt, "find", lambda name: f"/usr/sbin/{name}" if "legacy" in name else None)
     calls: list[tuple[str | None, str, list[str]]] = []
 
     def probe(netns: str | None, name: str, args: list[str]) -> str:
         calls.append((netns, name, args))
-        if ipt._which(name) is None:
+        if ipt.find(name) is None:
             return ""
         return "*filter\n-A INPUT -j ACCEPT\nCOMMIT\n" if name.startswith("iptables-") else ""
 
@@ -455,7 +455,7 @@ def test_detect_mode_counts_a_missing_backend_as_empty(
 
 
 def test_cli_translates_a_missing_binary(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(ipt, "_which", lambda name: f"/nonexistent/{name}")
+    monkeypatch.setattr(ipt, "find", lambda name: f"/nonexistent/{name}")
     cli = IptablesCli(IptablesMode.NFT)
     with pytest.raises(IptablesError, match="cannot run /nonexistent/iptables-nft-restore --noflush"):
         cli.restore(V4, block("filter"))

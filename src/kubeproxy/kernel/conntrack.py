@@ -30,12 +30,12 @@ from __future__ import annotations
 import functools
 import ipaddress
 import re
-import shutil
 import subprocess
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from kubeproxy.kernel.binaries import netns_exec, path_of
 from kubeproxy.kernel.errors import KernelError
 from kubeproxy.model.service import IPFamily
 
@@ -165,14 +165,10 @@ def delete_args(key: tuple[str, str, int, str]) -> list[str]:
 _BATCH_VERSION = (1, 4, 6)  # conntrack -R / --load-file appeared in conntrack-tools 1.4.6
 
 
-def _conntrack_binary() -> str:
-    return shutil.which("conntrack") or shutil.which("conntrack", path="/usr/sbin:/sbin") or "conntrack"
-
-
 class ConntrackCli:
     def __init__(self, *, netns: str | None = None, binary: str | None = None, timeout: float = 60) -> None:
-        self._prefix = ["ip", "netns", "exec", netns] if netns else []
-        self._binary = binary or _conntrack_binary()
+        self._prefix = netns_exec(netns)
+        self._binary = binary or path_of("conntrack")
         self._timeout = timeout
         self._batch: bool | None = None
 

@@ -51,12 +51,12 @@ import os
 import re
 import resource
 import shlex
-import shutil
 import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from kubeproxy.kernel.binaries import find, netns_exec
 from kubeproxy.kernel.errors import KernelError
 from kubeproxy.model.service import IPFamily
 
@@ -143,15 +143,6 @@ def tool_name(family: IPFamily, mode: IptablesMode, tool: str = "") -> str:
     return f"{base}-{tool}" if tool else base
 
 
-def _which(name: str) -> str | None:
-    # /usr/sbin is missing from many non-login root PATHs (cron, sudo -E); look there too.
-    return shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")
-
-
-def _ip_binary() -> str:
-    return _which("ip") or "ip"
-
-
 def parse_save(text: str, table: str | None = None) -> dict[str, list[str]]:
     """Chains and rules of ``iptables-save`` output: chain -> rule texts (after ``-A CHAIN``).
 
@@ -203,14 +194,14 @@ class IptablesCli:
         raise_stack_limit_for_children()
         self.mode = mode
         self.netns = netns
-        self._prefix = [_ip_binary(), "netns", "exec", netns] if netns else []
+        self._prefix = netns_exec(netns)
         self._timeout = timeout
         self._wait = wait
 
     def binary(self, family: IPFamily, tool: str = "") -> str:
         """Path of ``{ip,ip6}tables-<mode>[-tool]`` (its bare name when not installed: running it fails)."""
         name = tool_name(family, self.mode, tool)
-        return _which(name) or name
+        return find(name) or name
 
     def _exec(self, argv: list[str], stdin: str | None = None) -> subprocess.CompletedProcess[str]:
         full = [*self._prefix, *argv]
@@ -271,16 +262,16 @@ def available_modes() -> list[IptablesMode]:
     return [
         mode
         for mode in IptablesMode
-        if _which(tool_name(IPFamily.V4, mode, "restore")) and _which(tool_name(IPFamily.V4, mode, "save"))
+        if find(tool_name(IPFamily.V4, mode, "restore")) and find(tool_name(IPFamily.V4, mode, "save"))
     ]
 
 
 def _probe(netns: str | None, name: str, args: list[str]) -> str:
     """stdout of one save used for detection; "" when the binary is missing or fails (best effort)."""
-    path = _which(name)
+    path = find(name)
     if path is None:
         return ""
-    argv = [*([_ip_binary(), "netns", "exec", netns] if netns else []), path, *args]
+    argv = [*(netns_exec(netns)), path, *args]
     try:
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
     except (OSError, subprocess.TimeoutExpired) as exc:
@@ -332,7 +323,7 @@ def detect_mode(*, netns: str | None = None, env: Mapping[str, str] | None = Non
         return mode
     families = (IPFamily.V4, IPFamily.V6)
     save_names = {m: [tool_name(f, m, "save") for f in families] for m in IptablesMode}
-    if not any(_which(name) for names in save_names.values() for name in names):
+    if not any(find(name) for names in save_names.values() for name in names):
         raise IptablesError("no iptables backend installed: neither iptables-nft-save nor iptables-legacy-save found")
 
     # Probe lazily, in the wrapper's order: each later step runs only when the earlier found nothing.

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import subprocess
 
+from kubeproxy.kernel.binaries import path_of
 from kubeproxy.kernel.errors import KernelError
 
 
@@ -19,7 +20,7 @@ class NetifError(KernelError):
 
 class LocalAddresses:
     def __init__(self, *, netns: str | None = None, timeout: float = 30) -> None:
-        self._argv = ["ip", *(["-n", netns] if netns else []), "-j", "addr", "show"]
+        self._argv = [path_of("ip"), *(["-n", netns] if netns else []), "-j", "addr", "show"]
         self._timeout = timeout
 
     def __call__(self) -> list[str]:

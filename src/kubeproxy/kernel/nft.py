@@ -16,11 +16,11 @@ from __future__ import annotations
 import copy
 import json
 import re
-import shutil
 import subprocess
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from kubeproxy.kernel.binaries import netns_exec, path_of
 from kubeproxy.kernel.errors import KernelError
 
 
@@ -42,15 +42,11 @@ class Nft(Protocol):
         """Whether the table exists (cheap: lists table names only)."""
 
 
-def _nft_binary() -> str:
-    return shutil.which("nft") or shutil.which("nft", path="/usr/sbin:/sbin") or "nft"
-
-
 class NftCli:
     def __init__(self, *, netns: str | None = None, binary: str | None = None, timeout: float = 300) -> None:
         self.netns = netns
-        self._prefix = ["ip", "netns", "exec", netns] if netns else []
-        self._binary = binary or _nft_binary()
+        self._prefix = netns_exec(netns)
+        self._binary = binary or path_of("nft")
         self._timeout = timeout
 
     def _exec(self, args: list[str], stdin: str | None = None) -> subprocess.CompletedProcess[str]:
