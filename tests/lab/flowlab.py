@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from flows import IIF, NODE_IP, POD_CLIENT, PODS, SECOND_NODE_IP, Flow, addr, v6
 from kubeproxy.lab.cluster import Lab
 from kubeproxy.lab.probe import Outcome, spread, tcp_probe, udp_probe
+from kubeproxy.lab.sctp import sctp_probe
 
 PROBES = 24  # P(one of two pods never answers) = 2 * 2**-24
 
@@ -52,6 +53,13 @@ def check_flow(lab: Lab, flow: Flow, mode: str = "nftables") -> None:
 
     output, masquerade = expected(flow, mode)
     ns = source_netns(lab, flow)
+    if flow.protocol == "sctp":
+        # No SCTP sockets on this kernel: INIT chunks over raw sockets (kubeproxy.lab.sctp).
+        listeners = {name: lab.pods[name].netns for name in PODS.values()}
+        arrivals = [sctp_probe(ns, flow.destination, flow.port, listeners, target_port=8080) for _ in range(8)]
+        assert {a.pod for a in arrivals} == expected_pods(flow, output), arrivals
+        assert all((a.source != flow.source) is masquerade for a in arrivals), arrivals
+        return
     probe = tcp_probe if flow.protocol == "tcp" else udp_probe
     if output in ("REJECT", "DROP"):
         # A REJECT's ICMP error can reach a connecting TCP socket while connect() still holds the
