@@ -9,6 +9,7 @@ an endpoint list means every listed pod answers (and no other), REJECT means the
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -160,29 +161,67 @@ def rule_handles(lab: Lab, chain_part: str) -> dict[str, list[str]]:
     return out
 
 
+def map_elements(lab: Lab, prefix: str) -> list[str]:
+    listing = run(["nft", "list", "map", "ip", "kube-proxy", "service-endpoints"], netns=lab.node_ns).stdout
+    found = re.findall(r"[0-9a-f.:]+ \. \w+ \. \d+ \. \d+ : [0-9a-f.:]+ \. \d+", listing)
+    return sorted(e for e in found if e.startswith(prefix))
+
+
 def test_partial_sync_leaves_other_services_chains_untouched(
     programmed: tuple[Lab, NftablesBackend, ProxyState],
 ) -> None:
     lab, backend, st = programmed
+    before_all = rule_handles(lab, "")
     before_svc2 = rule_handles(lab, "/svc2/")
-    before_svc1 = rule_handles(lab, "/svc1/")
-    assert before_svc2 and before_svc1
+    assert before_svc2 and not rule_handles(lab, "/svc1/")  # svc1 is balanced through the map
+    assert len(map_elements(lab, "10.96.0.10 . tcp . 80 .")) == 2
     st.on_endpoint_slice(
         ("ns1", "svc1-x"), endpoint_slice("svc1-x", "svc1", ["10.244.1.2"], ports=[{"name": "http", "port": 8080}])
     )
     out = backend.sync(st, st.commit().changed, full=False)
     assert not out.full
-    assert rule_handles(lab, "/svc2/") == before_svc2  # same rules, same kernel handles
-    assert rule_handles(lab, "/svc1/") != before_svc1  # the changed one was rewritten
-    assert set(spread(lab.pods["client"].netns, "10.96.0.20", 80, 4)) == {"c"}
+    # An endpoint change of a map-balanced Service writes no rule at all: same rules, same handles.
+    assert rule_handles(lab, "") == before_all
+    assert map_elements(lab, "10.96.0.10 . tcp . 80 .") == ["10.96.0.10 . tcp . 80 . 0 : 10.244.1.2 . 8080"]
+    assert set(spread(lab.pods["client"].netns, "10.96.0.10", 80, 4)) == {"a"}
+    # A Service with its own chains (a NodePort): only its chains are rewritten.
+    others = {c: h for c, h in before_all.items() if "/svc2/" not in c}
+    st.on_endpoint_slice(
+        ("ns1", "svc2-x"),
+        endpoint_slice("svc2-x", "svc2", ["10.244.1.4", "10.244.1.3"], ports=[{"name": "http", "port": 8080}]),
+    )
+    backend.sync(st, st.commit().changed, full=False)
+    assert rule_handles(lab, "/svc2/") != before_svc2
+    assert {c: h for c, h in rule_handles(lab, "").items() if "/svc2/" not in c} == others
 
 
 def test_restart_keeps_traffic_flowing_and_converges(programmed: tuple[Lab, NftablesBackend, ProxyState]) -> None:
     lab, _backend, st = programmed
     # A new process (restart): its first full sync must not disturb existing rules or elements.
-    fresh = NftablesBackend(NftCli(netns=lab.node_ns), OPTS)
+    scripts: list[str] = []
+
+    class Recording(NftCli):
+        def run(self, script: str) -> None:
+            scripts.append(script)
+            super().run(script)
+
+    fresh = NftablesBackend(Recording(netns=lab.node_ns), OPTS)
     fresh.sync(st, set(), full=True)
+    # What the kernel lists reads back as our element keys: nothing is deleted or re-added.
+    assert not [line for line in scripts[-1].splitlines() if " element " in line]
     assert set(spread(lab.pods["client"].netns, "10.96.0.10", 80, PROBES)) == {"a", "b"}
+
+
+def test_altered_load_balance_chain_is_repaired_by_a_full_sync(
+    programmed: tuple[Lab, NftablesBackend, ProxyState],
+) -> None:
+    lab, backend, st = programmed
+    client = lab.pods["client"].netns
+    run(["nft", "flush", "chain", "ip", "kube-proxy", "load-balance-2"], netns=lab.node_ns)
+    assert set(spread(client, "10.96.0.10", 80, 4)) != {"a", "b"}  # svc1 (2 endpoints) is broken now
+    assert backend.sync(st, set(), full=True).full
+    assert set(spread(client, "10.96.0.10", 80, PROBES)) == {"a", "b"}
+    assert set(spread(client, "10.96.0.20", 80, 4)) == {"c"}
 
 
 # --- the daemon end to end: manifests directory -> real process -> kernel -> traffic ----------

@@ -112,6 +112,29 @@ _CMD = re.compile(
 _REF = re.compile(r"\b(?:goto|jump)\s+(\S+)")
 
 
+def _misread_by_nft(declaration: str) -> bool:
+    """nft 1.0.6 reads a map typeof'd ``... : ip daddr . th dport`` back from the kernel as "conflicting
+    protocols specified: ip vs. th" and then refuses every new rule that uses the map."""
+    return declaration.startswith("typeof ") and " th dport" in declaration.partition(" : ")[2]
+
+
+_LB_RULE = re.compile(r"dnat to (ip6?) daddr \. meta l4proto \. th dport \. numgen random mod (\d+) map @(\S+)")
+
+
+def _rule_json(family: str, table: str, chain: str, rule: str) -> dict[str, Any]:
+    """A rule as ``nft -j`` lists it: the load-balancing shape in nft's own JSON, others as text."""
+    expr: list[dict[str, Any]] = [{"fake": rule}]
+    if m := _LB_RULE.fullmatch(rule):
+        key = [
+            {"payload": {"protocol": m[1], "field": "daddr"}},
+            {"meta": {"key": "l4proto"}},
+            {"payload": {"protocol": "th", "field": "dport"}},
+            {"numgen": {"mode": "random", "mod": int(m[2]), "offset": 0}},
+        ]
+        expr = [{"dnat": {"family": m[1], "addr": {"map": {"key": {"concat": key}, "data": f"@{m[3]}"}}}}]
+    return {"rule": {"family": family, "table": table, "chain": chain, "expr": expr}}
+
+
 def _body(rest: str) -> str:
     rest = rest.strip()
     if not (rest.startswith("{") and rest.endswith("}")):
@@ -125,12 +148,16 @@ class FakeNft:
     def __init__(self) -> None:
         self.tables: dict[tuple[str, str], _Table] = {}
         self.transactions: list[str] = []
+        self._misread: set[tuple[tuple[str, str], str]] = set()
 
     def has_table(self, family: str, table: str) -> bool:
         return (family, table) in self.tables
 
     def run(self, script: str) -> None:
         work = copy.deepcopy(self.tables)
+        self._misread = {
+            (key, name) for key, t in self.tables.items() for name, decl in t.sets.items() if _misread_by_nft(decl)
+        }
         for lineno, raw in enumerate(script.splitlines(), 1):
             line = raw.strip()
             if not line or line.startswith("#"):
@@ -219,6 +246,8 @@ class FakeNft:
                 self._need_chain(table, target)
             for ref in re.findall(r"@(\S+)", rest):
                 self._need_set(table, ref)
+                if (key, ref) in self._misread:
+                    raise NftError("conflicting protocols specified: ip vs. th")
             table.chains[name].append(rest.strip())
             return
         # element
@@ -260,6 +289,8 @@ class FakeNft:
         items: list[dict[str, Any]] = [{"table": {"family": family, "name": table, "comment": t.comment}}]
         for chain in t.chains:
             items.append({"chain": {"family": family, "table": table, "name": chain}})
+        for chain, rules in t.chains.items():
+            items.extend(_rule_json(family, table, chain, rule) for rule in rules)
         for name, kind in t.kinds.items():
             entry: dict[str, Any] = {"family": family, "table": table, "name": name}
             if tm := re.search(r"\btimeout (\d+)s\b", t.sets[name]):

@@ -27,6 +27,8 @@ from kubeproxy.backends.nftables import names
 from kubeproxy.backends.nftables.render import (
     BASE_CHAINS,
     EMPTY,
+    LOAD_BALANCE,
+    SERVICE_ENDPOINTS,
     TABLE,
     Element,
     Fragment,
@@ -90,6 +92,34 @@ def parse_table(doc: dict[str, Any] | None) -> tuple[set[str], dict[str, dict[st
     return chains, elements
 
 
+def load_balance_chains_in(doc: dict[str, Any] | None) -> set[str]:
+    """The ``load-balance-<n>`` chains of an ``nft -j list table`` document that hold exactly the one
+    rule we write there: ``dnat to daddr . l4proto . dport . numgen random mod n map @service-endpoints``.
+
+    A full sync leaves these alone instead of rewriting them: nft 1.0.6 refuses to add a rule using
+    ``service-endpoints`` once that map is in the kernel (it misreads the map's typeof), so a chain that
+    is already right must not be flushed and re-added, and a wrong one is fixed by re-creating the table.
+    """
+    rules: dict[str, list[Any]] = {}
+    for item in (doc or {}).get("nftables", []):
+        if "rule" in item and str(item["rule"].get("chain", "")).startswith(f"{LOAD_BALANCE}-"):
+            rules.setdefault(item["rule"]["chain"], []).append(item["rule"].get("expr"))
+    out = set()
+    for chain, exprs in rules.items():
+        n = chain.removeprefix(f"{LOAD_BALANCE}-")
+        if len(exprs) != 1 or not n.isdigit() or not isinstance(exprs[0], list) or len(exprs[0]) != 1:
+            continue
+        try:
+            mapping = exprs[0][0]["dnat"]["addr"]["map"]
+            key = mapping["key"]["concat"]
+            ok = mapping["data"] == f"@{SERVICE_ENDPOINTS}" and len(key) == 4 and key[3]["numgen"]["mod"] == int(n)
+        except (KeyError, TypeError, IndexError):
+            continue
+        if ok and key[3]["numgen"].get("mode") == "random" and not key[3]["numgen"].get("offset"):
+            out.add(chain)
+    return out
+
+
 class NftablesBackend:
     def __init__(
         self,
@@ -119,13 +149,17 @@ class NftablesBackend:
         self._adopted = False
 
     # -- helpers -----------------------------------------------------------------------------
-    def _skeleton(self) -> list[str]:
+    def _skeleton(self, keep: Collection[str] = ()) -> list[str]:
+        """The table, its sets and maps, and every static chain rewritten, except the chains in
+        ``keep`` (load-balance chains the kernel already holds as we would write them)."""
         fam = self.family
         lines = table_commands(fam, declarations(self.opts))
         chains = static_chains(self.opts)
         # Create every chain first: rules may jump to chains that come later alphabetically.
         lines += [chain_add_command(fam, name) for name in sorted(chains)]
         for name in sorted(chains):
+            if name in keep:
+                continue
             lines.append(f"flush chain {fam} {TABLE} {name}")
             lines += [f"add rule {fam} {TABLE} {name} {rule}" for rule in chains[name]]
         return lines
@@ -199,7 +233,14 @@ class NftablesBackend:
             kernel_sets = self._affinity_sets_of(doc)
             # The kernel fills affinity sets itself (client addresses): never reconcile their elements.
             kernel_elements = {k: v for k, v in kernel_elements.items() if k not in kernel_sets}
-            lines += self._skeleton()
+            keep = load_balance_chains_in(doc)
+            if SERVICE_ENDPOINTS in kernel_elements and any(
+                name.startswith(f"{LOAD_BALANCE}-") and name not in keep for name in static_chains(self.opts)
+            ):
+                # A load-balance chain is missing or altered, and nft cannot write one next to the
+                # map the kernel holds (see load_balance_chains_in): start the table afresh.
+                return self._take_over(state, changed, NftError("a load-balance chain is missing or altered"))
+            lines += self._skeleton(keep=keep)
             targets: Collection[NamespacedName] = sorted(state.services)
             base_owners: dict[ElemKey, dict[Owner, str | None]] = {}
             base_fragments: dict[NamespacedName, Fragment] = {}

@@ -8,9 +8,14 @@ canonical, sorted dump used by golden tests, the tracer and dry-run diffs.
 Shape (see README.md beside this file for the measurements behind it):
 - dispatch is one lookup in a few big named maps (``service-ips``, ``service-nodeports``,
   ``no-endpoint-*``); there are no per-service anonymous maps, whose kernel cost is quadratic;
-- load balancing is one rule per endpoint inside the Service's chain, each drawing
-  ``numgen random mod (n-i) == 0`` (the nft analogue of iptables' ``statistic --probability
-  1/(n-i)``), which needs no register and no map;
+- load balancing of most Services is map data, not rules: their ``service-ips`` element points at
+  one of the shared chains ``load-balance-<n>`` (n = the number of endpoints), whose single rule
+  DNATs through ONE map, ``service-endpoints``, keyed by ``daddr . proto . port . numgen random
+  mod n``; an endpoint change is then an element change, never a rule change (rule changes make
+  the kernel validate the whole table). Services that need their own chain (a NodePort, whose
+  destination is any node address; session affinity; more than ``MAX_MAPPED_ENDPOINTS``
+  endpoints) keep one rule per endpoint drawing ``numgen random mod (n-i) == 0`` (the nft
+  analogue of iptables' ``statistic --probability 1/(n-i)``);
 - masquerading uses the packet mark bit (default bit 14) exactly like upstream, plus a
   ``hairpin-connections`` set for pods that reach themselves through a Service.
 Dispatch semantics (REJECT when a Service has no usable endpoint anywhere, DROP when a Local
@@ -19,7 +24,7 @@ policy has none on this node) follow upstream's nftables proxier.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from kubeproxy.backends.nftables import names
@@ -41,6 +46,13 @@ NO_ENDPOINT_SERVICES = "no-endpoint-services"
 NO_ENDPOINT_NODEPORTS = "no-endpoint-nodeports"
 HAIRPIN = "hairpin-connections"
 FIREWALL_IPS = "firewall-ips"
+SERVICE_ENDPOINTS = "service-endpoints"
+
+# Services with up to this many endpoints (in the set a chain balances over) are balanced through
+# ``service-endpoints`` by the shared chain ``load-balance-<n>``; there is one such chain per n, each
+# holding one rule that refers to the map (element updates cost in proportion to those rules).
+MAX_MAPPED_ENDPOINTS = 64
+LOAD_BALANCE = "load-balance"
 
 REJECT_CHAIN = "reject-chain"
 VERDICT_REJECT = f"goto {REJECT_CHAIN}"
@@ -173,6 +185,15 @@ def declarations(opts: NftOptions) -> dict[str, str]:
         FIREWALL_IPS: (
             f'type {a} . inet_proto . inet_service : verdict ; comment "LB IPs with loadBalancerSourceRanges"'
         ),
+        # typeof, because the slot (a numgen value) has no named type; the modulus in a typeof only
+        # describes the key, each load-balance-<n> chain draws with its own. Caveat (nft 1.0.6): once
+        # the map is in the kernel, nft reads this typeof back as a conflict ("ip vs. th") and refuses
+        # any NEW rule that uses the map, so the backend writes load-balance-<n> chains only when they
+        # are missing ("tcp dport" would avoid that, but makes nft add a hidden "meta l4proto tcp").
+        SERVICE_ENDPOINTS: (
+            f"typeof {opts.ip} daddr . meta l4proto . th dport . numgen random mod 1 : {opts.ip} daddr . th dport ; "
+            'comment "service address, protocol, port and slot -> endpoint"'
+        ),
     }
 
 
@@ -195,7 +216,13 @@ def static_chains(opts: NftOptions) -> dict[str, tuple[str, ...]]:
         f"{ip} daddr . meta l4proto . th dport vmap @{SERVICE_IPS}",
         f"{nodeport_dest} meta l4proto . th dport vmap @{SERVICE_NODEPORTS}",
     ]
-    return {
+    balancing = {
+        f"{LOAD_BALANCE}-{n}": (
+            f"dnat to {ip} daddr . meta l4proto . th dport . numgen random mod {n} map @{SERVICE_ENDPOINTS}",
+        )
+        for n in range(1, MAX_MAPPED_ENDPOINTS + 1)
+    }
+    return balancing | {
         "filter-input": (f"{new} jump nodeport-endpoints-check", f"{new} jump service-endpoints-check"),
         "filter-forward": (f"{new} jump service-endpoints-check", f"{new} jump cluster-ips-check"),
         "filter-output": (f"{new} jump service-endpoints-check", f"{new} jump cluster-ips-check"),
@@ -244,6 +271,15 @@ def load_balance_rules(endpoints: Sequence[Endpoint], proto: str) -> tuple[str, 
         pick = f"numgen random mod {n - i} == 0 " if i < n - 1 else ""
         rules.append(f"{pick}meta l4proto {proto} dnat to {ep}")
     return tuple(rules)
+
+
+def mapped_elements(
+    addresses: Iterable[str], proto: str, port: int, endpoints: Sequence[Endpoint]
+) -> Iterator[Element]:
+    """``service-endpoints`` elements: slot i of every address the Service answers on -> endpoint i."""
+    for addr in addresses:
+        for slot, ep in enumerate(endpoints):
+            yield SERVICE_ENDPOINTS, f"{addr} . {proto} . {port} . {slot}", f"{ep.ip} . {ep.port}"
 
 
 def firewall_rules(sources: Sequence[str], opts: NftOptions) -> tuple[str, ...]:
@@ -314,7 +350,13 @@ def render_service_port(
             return load_balance_rules(eps, proto)
         return affinity_rules(svc, eps, opts, chains, sets)
 
-    if cat.cluster:
+    lb_ips, external_ips = plan.load_balancer_ips, plan.external_ips
+    # Balanced through the shared map when every way into the cluster endpoints carries a
+    # destination address the map is keyed by (a NodePort's is any node address).
+    if 0 < len(cat.cluster) <= MAX_MAPPED_ENDPOINTS and svc.affinity_timeout is None and not svc.node_port:
+        cluster_chain = f"{LOAD_BALANCE}-{len(cat.cluster)}"
+        elements.update(mapped_elements(dict.fromkeys([cluster_ip, *external_ips, *lb_ips]), proto, port, cat.cluster))
+    elif cat.cluster:
         chains[cluster_chain] = balance(cat.cluster)
     if cat.local:
         chains[local_chain] = balance(cat.local)
@@ -349,7 +391,6 @@ def render_service_port(
             rules.append(f"goto {external_policy_chain}")
         chains[external_chain] = tuple(rules)
 
-    lb_ips, external_ips = plan.load_balancer_ips, plan.external_ips
     if lb_ips and (fw_rules := firewall_rules(plan.firewall_sources, opts)):
         firewall_chain = f"{names.FIREWALL}-{base}"
         chains[firewall_chain] = fw_rules

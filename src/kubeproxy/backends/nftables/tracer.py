@@ -144,11 +144,29 @@ def _statement(ctx: _Ctx, stmt: str, depth: int) -> str | None:
             ctx.targets.append((m[2], int(m[3])))
             return "accept"
         return None
+    if m := re.fullmatch(
+        r"dnat to ip6? daddr \. meta l4proto \. th dport \. numgen random mod (\d+) map @(\S+)", stmt
+    ):
+        return _mapped_dnat(ctx, int(m[1]), ctx.elems(m[2]))
     if re.fullmatch(r"update @\S+ \{ ip6? saddr \}", stmt):
         return None  # remembers the client for next time; no effect on this packet
     if stmt in ("reject", "drop", "return"):
         return stmt
     raise TraceError(f"unrecognised rule shape: {stmt!r}")
+
+
+def _mapped_dnat(ctx: _Ctx, slots: int, endpoints: Mapping[str, str | None]) -> str | None:
+    """``dnat to daddr . proto . port . numgen random mod n map @m``: any of the n slots may be drawn.
+    No slot at all: the lookup fails, the rule does not match. Only some: an inconsistent table."""
+    found = [endpoints.get(ctx.key(ctx.daddr, ctx.packet.protocol, ctx.dport, slot)) for slot in range(slots)]
+    if not any(found):
+        return None
+    if not all(found):
+        raise TraceError(f"slots missing in the endpoint map for {ctx.daddr} {ctx.packet.protocol}/{ctx.dport}")
+    for value in found:
+        ip, _, port = str(value).rpartition(" . ")
+        ctx.targets.append((ip, int(port)))
+    return "accept"
 
 
 def _vmap(ctx: _Ctx, verdict: str | None, depth: int) -> str | None:
