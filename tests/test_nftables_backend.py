@@ -301,9 +301,10 @@ def test_restart_keeps_the_load_balance_chains_nft_could_not_rewrite() -> None:
     # models that): a restart must leave the load-balance chains alone, and still converge.
     st, nft = two_services(), FakeNft()
     NftablesBackend(nft, OPTS).sync(st, set(), full=True)
-    with pytest.raises(NftError, match="ip vs. th"):
+    with pytest.raises(NftError, match=r"ip vs\. th"):
         nft.run(
-            "add rule ip kube-proxy load-balance-3 dnat to ip daddr . meta l4proto . th dport . numgen random mod 3 map @service-endpoints\n"
+            "add rule ip kube-proxy load-balance-3 "
+            "dnat to ip daddr . meta l4proto . th dport . numgen random mod 3 map @service-endpoints\n"
         )
     out = NftablesBackend(nft, OPTS).sync(st, set(), full=True)
     assert out.full and "load-balance" not in "".join(
