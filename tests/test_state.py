@@ -9,7 +9,16 @@ import pytest
 from builders import endpoint_slice, node, service, state_with
 from kubeproxy.model import objects
 from kubeproxy.model.endpoint import Endpoint
-from kubeproxy.model.service import IPFamily, NamespacedName, Protocol, ServicePort, ServicePortName, service_ports
+from kubeproxy.model.service import (
+    InvalidObject,
+    IPFamily,
+    NamespacedName,
+    Protocol,
+    ServicePort,
+    ServicePortName,
+    parse_ip,
+    service_ports,
+)
 from kubeproxy.state.snapshot import ProxyState
 from kubeproxy.state.topology import NodeTopology, categorize
 from kubeproxy.state.trackers import PendingChanges
@@ -245,3 +254,24 @@ def test_no_local_endpoints_counts_local_policies_that_drop_on_this_node() -> No
     st.on_endpoint_slice(("ns1", "etp-1"), endpoint_slice("etp-1", "etp", ["10.244.1.3"], node="node1"))
     st.commit()
     assert st.no_local_endpoints(IPFamily.V4) == (1, 0)
+
+
+@pytest.mark.parametrize(
+    ("text", "canonical"),
+    [
+        ("10.1.2.3", "10.1.2.3"),
+        ("255.255.255.255", "255.255.255.255"),
+        (" 10.1.2.3", "10.1.2.3"),
+        ("fd00:10:244:0:0:0:0:1", "fd00:10:244::1"),
+        ("FD00::A", "fd00::a"),
+    ],
+)
+def test_ip_addresses_are_canonical(text: str, canonical: str) -> None:
+    assert parse_ip(text, "x") == canonical
+
+
+@pytest.mark.parametrize("text", ["010.1.2.3", "256.1.2.3", "1.2.3", "1.2.3.4.5", "\u0661.2.3.4", ""])
+def test_invalid_ip_addresses_are_refused(text: str) -> None:
+    # Unicode digits match a naive \d: they must never reach a ruleset.
+    with pytest.raises(InvalidObject, match="invalid IP address"):
+        parse_ip(text, "x")

@@ -7,7 +7,7 @@ ready, an unset ``serving`` takes the value of ``ready``, an unset ``terminating
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from kubeproxy.model import objects
 from kubeproxy.model.service import (
@@ -67,7 +67,9 @@ def slice_content(es: objects.EndpointSlice) -> SliceContent:
         # FQDN slices are never proxied; reject rather than guess.
         raise InvalidObject(f"addressType {es.addressType!r} is not IPv4 or IPv6")
 
-    eps: list[Endpoint] = []
+    # Per endpoint, every field but the port; Endpoints are built once per slice port below.
+    fields: list[tuple[str, bool, bool, bool, str | None, str | None, frozenset[str], frozenset[str]]] = []
+    v6 = es.addressType == "IPv6"
     for i, raw in enumerate(es.endpoints or ()):
         if not raw.addresses:
             raise InvalidObject(f"endpoints[{i}].addresses is empty")
@@ -77,19 +79,18 @@ def slice_content(es: objects.EndpointSlice) -> SliceContent:
         hints = raw.hints
         # Upstream uses only the first address of an endpoint (the API allows exactly one).
         ip = parse_ip(raw.addresses[0], f"endpoints[{i}].addresses[0]")
-        if (":" in ip) != (es.addressType == "IPv6"):
+        if (":" in ip) != v6:
             raise InvalidObject(f"endpoints[{i}].addresses[0] {ip} does not match addressType {es.addressType}")
-        eps.append(
-            Endpoint(
-                ip=ip,
-                port=0,
-                ready=ready,
-                serving=serving,
-                terminating=bool(cond.terminating),
-                node_name=raw.nodeName,
-                zone=raw.zone,
-                zone_hints=frozenset(z.name for z in (hints.forZones or ()) if z.name) if hints else frozenset(),
-                node_hints=frozenset(n.name for n in (hints.forNodes or ()) if n.name) if hints else frozenset(),
+        fields.append(
+            (
+                ip,
+                ready,
+                serving,
+                bool(cond.terminating),
+                raw.nodeName,
+                raw.zone,
+                frozenset(z.name for z in (hints.forZones or ()) if z.name) if hints else frozenset(),
+                frozenset(n.name for n in (hints.forNodes or ()) if n.name) if hints else frozenset(),
             )
         )
 
@@ -103,7 +104,10 @@ def slice_content(es: objects.EndpointSlice) -> SliceContent:
         except ValueError as exc:
             raise InvalidObject(f"ports[{j}]: unsupported protocol {p.protocol!r}") from exc
         key = (p.name or "", protocol)
-        by_port[key] = tuple(replace(e, port=number) for e in eps)
+        by_port[key] = tuple(
+            Endpoint(ip, number, ready, serving, terminating, node, zone, zones, nodes)
+            for ip, ready, serving, terminating, node, zone, zones, nodes in fields
+        )
     annotations = meta.annotations or {}
     return SliceContent(
         service=owner,

@@ -186,6 +186,8 @@ class NftablesBackend:
     def _effective(owners: dict[Owner, str | None]) -> str | None:
         # Two objects may claim one key (e.g. two Services with the same IP and port in
         # manifests): the first by name wins, deterministically, until it goes away.
+        if len(owners) == 1:
+            return next(iter(owners.values()))
         first = min(owners, key=lambda o: "" if o is None else f"~{o}")
         return owners[first]
 
@@ -295,7 +297,7 @@ class NftablesBackend:
                 stale.setdefault(name, now)
             for set_name, key, _value in old.elements - new.elements:
                 claims((set_name, key)).pop(svc, None)
-            for set_name, key, value in new.elements:
+            for set_name, key, value in new.elements - old.elements:
                 claims((set_name, key))[svc] = value
 
         if full:
