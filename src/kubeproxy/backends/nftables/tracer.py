@@ -144,9 +144,7 @@ def _statement(ctx: _Ctx, stmt: str, depth: int) -> str | None:
             ctx.targets.append((m[2], int(m[3])))
             return "accept"
         return None
-    if m := re.fullmatch(
-        r"dnat to ip6? daddr \. meta l4proto \. th dport \. numgen random mod (\d+) map @(\S+)", stmt
-    ):
+    if m := re.fullmatch(r"dnat to ip6? daddr \. meta l4proto \. th dport \. numgen random mod (\d+) map @(\S+)", stmt):
         return _mapped_dnat(ctx, int(m[1]), ctx.elems(m[2]))
     if re.fullmatch(r"update @\S+ \{ ip6? saddr \}", stmt):
         return None  # remembers the client for next time; no effect on this packet
