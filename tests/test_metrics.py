@@ -154,9 +154,15 @@ SYNC_LE = [
     "16.384",
     "+Inf",
 ]
-# MergeBuckets(Linear(0.25,0.25,2), Linear(1,1,59), Linear(60,5,12), Linear(120,30,7)) with its leading 0.
+# MergeBuckets(Linear(0.25,0.25,2), Linear(1,1,59), Linear(60,5,12), Linear(120,30,7)) with its leading 0,
+# plus our 5-100 ms buckets (programming here takes tens of milliseconds).
 NETWORK_LE = [
     "0",
+    "0.005",
+    "0.01",
+    "0.025",
+    "0.05",
+    "0.1",
     "0.25",
     "0.5",
     *[str(s) for s in range(1, 60)],
@@ -324,7 +330,7 @@ def test_histogram_buckets_as_upstream_prints_them() -> None:
         assert exp.le_values(family, ip_family="IPv4") == SYNC_LE, family
     assert exp.le_values("kubeproxy_sync_partial_proxy_rules_duration_seconds", ip_family="IPv6") == SYNC_LE
     assert exp.le_values("kubeproxy_network_programming_duration_seconds", ip_family="IPv4") == NETWORK_LE
-    assert len(NETWORK_LE) == 82  # 81 upper bounds + Inf
+    assert len(NETWORK_LE) == 87  # upstream's 81 upper bounds, our 5, and +Inf
 
 
 def test_histogram_series_are_laid_out_like_go() -> None:
