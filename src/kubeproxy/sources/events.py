@@ -1,8 +1,9 @@
 """What every source emits: one ``Change`` per object added, modified or deleted.
 
 Sources (the manifest directory, the API reflector) speak only this vocabulary; the daemon wires
-changes into the state layer. ``old`` is the last version the source delivered (None for an add),
-``new`` the current one (None for a delete).
+changes into the state layer. ``old`` is the last version the source delivered (None for an add; the
+API reflector always sends None, as it keeps resourceVersions, not objects), ``new`` the current one
+(None for a delete). Consumers must not need ``old``.
 """
 
 from __future__ import annotations

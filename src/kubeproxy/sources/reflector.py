@@ -17,6 +17,11 @@ malformed object (one that does not decode into our structs) is logged with its 
 skipped: its last good version, if any, stays, as in the manifest source; it never stops the others;
 denied access (401/403) before the first list completed raises ``AccessDenied`` (fatal at startup),
 later it is logged and retried, keeping whatever was programmed.
+
+The cache holds each object's ``resourceVersion`` only, not the object: consumers get every object in
+its Change and keep what they need (the proxy state keeps its own slim form), so holding decoded
+objects here too would double the memory of 100k endpoints for nothing. Changes therefore carry
+``old=None``.
 """
 
 from __future__ import annotations
@@ -109,7 +114,7 @@ class Reflector:
         self.on_listed = on_listed
         self.tuning = tuning or Tuning()
         self.rng = rng or random.Random()
-        self.cache: dict[ObjectKey, KubeObject] = {}
+        self.cache: dict[ObjectKey, str] = {}  # key -> resourceVersion of its last good version
         self.resource_version = ""
         self.synced = False  # the first complete list has been delivered
         self.lists = 0
@@ -278,19 +283,20 @@ class Reflector:
 
         Keys in ``keep`` (objects that exist but did not decode) keep their last good version."""
         old = self.cache
+        versions = {key: obj.metadata.resourceVersion or "" for key, obj in fresh.items()}
         for key in keep:
-            if key in old and key not in fresh:
-                fresh[key] = old[key]
-        for key, obj in old.items():
-            if key not in fresh:
-                self.emit(Change(ChangeType.DELETED, key, obj, None))
+            if key in old and key not in versions:
+                versions[key] = old[key]
+        for key in old:
+            if key not in versions:
+                self.emit(Change(ChangeType.DELETED, key, None, None))
         for key, obj in fresh.items():
             prev = old.get(key)
             if prev is None:
                 self.emit(Change(ChangeType.ADDED, key, None, obj))
-            elif prev.metadata.resourceVersion != obj.metadata.resourceVersion:
-                self.emit(Change(ChangeType.MODIFIED, key, prev, obj))
-        self.cache = fresh
+            elif prev != versions[key]:
+                self.emit(Change(ChangeType.MODIFIED, key, None, obj))
+        self.cache = versions
 
     # -- watch ---------------------------------------------------------------------------------
     async def _watch(self) -> None:
@@ -336,11 +342,11 @@ class Reflector:
             if meta is None:
                 return
             key = ObjectKey(self.spec.kind, meta.namespace, meta.name)
-            old = self.cache.pop(key, None)
+            known = self.cache.pop(key, None)
             if meta.resourceVersion:
                 self.resource_version = meta.resourceVersion
-            if old is not None:
-                self.emit(Change(ChangeType.DELETED, key, old, None))
+            if known is not None:
+                self.emit(Change(ChangeType.DELETED, key, None, None))
             return
         decoded = self._decode_object(event.object)
         if decoded is None:  # malformed: logged and skipped; the last good version (if any) stays
@@ -351,8 +357,8 @@ class Reflector:
         key, obj = decoded
         self.resource_version = obj.metadata.resourceVersion or self.resource_version
         prev = self.cache.get(key)
-        self.cache[key] = obj
-        self.emit(Change(ChangeType.ADDED if prev is None else ChangeType.MODIFIED, key, prev, obj))
+        self.cache[key] = obj.metadata.resourceVersion or ""
+        self.emit(Change(ChangeType.ADDED if prev is None else ChangeType.MODIFIED, key, None, obj))
 
     # -- decoding ------------------------------------------------------------------------------
     def _meta(self, raw: msgspec.Raw | bytes) -> _Meta | None:
