@@ -32,8 +32,9 @@ class Nft(Protocol):
     def run(self, script: str) -> None:
         """Apply ``script`` as one atomic transaction."""
 
-    def list_table(self, family: str, table: str) -> dict[str, Any] | None:
-        """The table as nft's JSON document, or None if it does not exist."""
+    def list_table(self, family: str, table: str) -> bytes | None:
+        """The table as nft's JSON document (``nft -j list table``, undecoded: callers decode only
+        what they need), or None if it does not exist."""
 
     def delete_table(self, family: str, table: str) -> bool:
         """Delete the table if present; True if it existed."""
@@ -61,17 +62,18 @@ class NftCli:
         if proc.returncode != 0:
             raise NftError(f"nft -f - failed (exit {proc.returncode}): {proc.stderr.strip()[:4000]}")
 
-    def list_table(self, family: str, table: str) -> dict[str, Any] | None:
-        proc = self._exec(["-j", "list", "table", family, table])
-        if proc.returncode != 0:
-            if "No such file or directory" in proc.stderr:
-                return None
-            raise NftError(f"nft list table {family} {table} failed: {proc.stderr.strip()[:2000]}")
+    def list_table(self, family: str, table: str) -> bytes | None:
+        argv = [*self._prefix, self._binary, "-j", "list", "table", family, table]
         try:
-            doc: dict[str, Any] = json.loads(proc.stdout)
-        except ValueError as exc:
-            raise NftError(f"nft -j list table printed invalid JSON: {exc}") from exc
-        return doc
+            proc = subprocess.run(argv, capture_output=True, timeout=self._timeout, check=False)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise NftError(f"cannot run {' '.join(argv)}: {exc}") from exc
+        if proc.returncode != 0:
+            stderr = proc.stderr.decode(errors="replace")
+            if "No such file or directory" in stderr:
+                return None
+            raise NftError(f"nft list table {family} {table} failed: {stderr.strip()[:2000]}")
+        return proc.stdout
 
     def delete_table(self, family: str, table: str) -> bool:
         proc = self._exec(["delete", "table", family, table])
@@ -282,7 +284,7 @@ class FakeNft:
         if name not in table.sets:
             raise NftError(f"No such file or directory: set {name}")
 
-    def list_table(self, family: str, table: str) -> dict[str, Any] | None:
+    def list_table(self, family: str, table: str) -> bytes | None:
         t = self.tables.get((family, table))
         if t is None:
             return None
@@ -299,7 +301,7 @@ class FakeNft:
             if elems:
                 entry["elem"] = [_elem_json(k, v) for k, v in elems.items()]
             items.append({kind: entry})
-        return {"nftables": items}
+        return json.dumps({"nftables": items}).encode()
 
     def delete_table(self, family: str, table: str) -> bool:
         return self.tables.pop((family, table), None) is not None
