@@ -1,5 +1,13 @@
-"""``make bench``: synthetic N Services x M endpoints through the real nftables backend, then the API
-source benchmark (bench/api.py: list decode, watch events, list + watch over loopback).
+"""``make bench``: every benchmark, one command. In order:
+
+1. ``nftables``: synthetic N Services x M endpoints through the real nftables backend (below), then the
+   API source benchmark (bench/api.py: list decode, watch events, list + watch over loopback);
+2. ``scale``: the real daemon end to end against the API-server test double (bench/scale.py): cold
+   start 1k/10k x 10 and 5k x 50 from process start with peak RSS, churn at 10k (event-to-kernel
+   p50/p99), restart with the rules in the kernel;
+3. ``dataplane``: connection setup via a ClusterIP among 10k Services vs the pod IP (bench/dataplane.py);
+4. ``iptables``: both iptables backends (bench/iptables.py).
+Each prints a table and writes bench/results/<part>-<date>.json with machine info.
 
 For each size: state ingest (decoded objects -> trackers -> commit), pure render of the whole
 table, cold full sync into an empty network namespace (render + one ``nft -f`` transaction; the
@@ -9,8 +17,8 @@ with machine info. Needs root (it creates, and always deletes, a private network
 
 Then the iptables rows (bench/iptables.py): the same objects through both iptables backends, each
 (backend, size) in its own fresh namespace; a second table and bench/results/iptables-<date>.json.
-``python -m bench.run --only nftables|iptables`` runs one part; ``--quick`` keeps only the 1k iptables
-rows; ``--timeout`` caps each iptables row.
+``python -m bench.run --only nftables|scale|dataplane|iptables`` runs one part; ``--quick`` runs the
+small sizes only (1k; a smoke check); ``--timeout`` caps each iptables row.
 """
 
 from __future__ import annotations
@@ -38,6 +46,7 @@ from kubeproxy.state.snapshot import ProxyState
 from kubeproxy.tools.render import render_state
 
 SIZES = [(1000, 10), (10000, 10)]
+PARTS = ("nftables", "scale", "dataplane", "iptables")
 OPTS = NftOptions(cluster_cidrs=("10.244.0.0/16",))
 EP_BASE = int(ipaddress.ip_address("10.128.0.0"))
 PARTIAL_SAMPLES = 5  # one-endpoint partial syncs per size; the median is reported
@@ -189,13 +198,13 @@ def machine() -> dict[str, Any]:
     }
 
 
-def bench_nftables() -> None:
+def bench_nftables(sizes: list[tuple[int, int]]) -> None:
     """The nftables rows and the API source benchmark (bench/results/nftables-<date>.json)."""
     netns = f"kpbench-{os.getpid()}"
     subprocess.run(["ip", "netns", "add", netns], check=True)
     rows = []
     try:
-        for n, m in SIZES:
+        for n, m in sizes:
             rows.append(bench_size(n, m, netns))
     finally:
         subprocess.run(["ip", "netns", "delete", netns], check=False)
@@ -235,10 +244,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--only",
-        choices=("nftables", "iptables"),
-        help="nftables: the nftables rows and the API benchmark; iptables: both iptables backends",
+        choices=PARTS,
+        help="nftables: the backend rows and the API benchmark; scale: the daemon end to end (cold start, "
+        "churn, restart); dataplane: ClusterIP vs pod IP connection setup; iptables: both iptables backends",
     )
-    parser.add_argument("--quick", action="store_true", help="iptables: only the 1k-Service rows")
+    parser.add_argument("--quick", action="store_true", help="small sizes only (1k): a smoke check")
     parser.add_argument(
         "--timeout",
         type=float,
@@ -252,12 +262,25 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         print("make bench needs root: it loads rulesets into a private network namespace", file=sys.stderr)
         return 1
-    if args.only in (None, "nftables"):
-        bench_nftables()
-    if args.only in (None, "iptables"):
+    for part in PARTS:
+        if args.only not in (None, part):
+            continue
         if args.only is None:
-            print()
-        bench_iptables(SIZES[:1] if args.quick else SIZES, args.timeout)
+            print(f"\n===== {part} =====\n")
+        if part == "nftables":
+            bench_nftables(SIZES[:1] if args.quick else SIZES)
+        elif part == "scale":
+            from bench import scale
+
+            if scale.main(["--quick"] if args.quick else []) != 0:
+                return 1
+        elif part == "dataplane":
+            from bench import dataplane
+
+            if dataplane.main(["--quick"] if args.quick else []) != 0:
+                return 1
+        else:
+            bench_iptables(SIZES[:1] if args.quick else SIZES, args.timeout)
     return 0
 
 
