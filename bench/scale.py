@@ -991,7 +991,8 @@ def print_results(results: dict[str, Any]) -> None:
         )  # fmt: skip
         print(
             "   npd = the daemon's kubeproxy_network_programming_duration_seconds during the scenario (slice trigger"
-            " time -> its sync returned; 'all <=' is the highest\n   bucket bound needed: 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, .. s);"
+            " time -> its sync returned; 'all <=' is the highest\n   bucket bound needed: 0.005, 0.01, 0.025,"
+            " 0.05, 0.1, 0.25, 0.5, 1, .. s);"
             " partial = kubeproxy_sync_partial_proxy_rules_duration_seconds (its own sync time)"
         )
     if results.get("restart"):
