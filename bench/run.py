@@ -1,5 +1,6 @@
 """``make bench``: every benchmark, one command. In order:
 
+0. ``costmodel``: what an element, a chain, a rule and a set cost in nft here (bench/costmodel.py);
 1. ``nftables``: synthetic N Services x M endpoints through the real nftables backend (below), then the
    API source benchmark (bench/api.py: list decode, watch events, list + watch over loopback);
 2. ``scale``: the real daemon end to end against the API-server test double (bench/scale.py): cold
@@ -46,7 +47,7 @@ from kubeproxy.state.snapshot import ProxyState
 from kubeproxy.tools.render import render_state
 
 SIZES = [(1000, 10), (10000, 10)]
-PARTS = ("nftables", "scale", "dataplane", "iptables")
+PARTS = ("costmodel", "nftables", "scale", "dataplane", "iptables")
 OPTS = NftOptions(cluster_cidrs=("10.244.0.0/16",))
 EP_BASE = int(ipaddress.ip_address("10.128.0.0"))
 PARTIAL_SAMPLES = 5  # one-endpoint partial syncs per size; the median is reported
@@ -245,8 +246,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--only",
         choices=PARTS,
-        help="nftables: the backend rows and the API benchmark; scale: the daemon end to end (cold start, "
-        "churn, restart); dataplane: ClusterIP vs pod IP connection setup; iptables: both iptables backends",
+        help="costmodel: nft's cost per object; nftables: the backend rows and the API benchmark; "
+        "scale: the daemon end to end (cold start, churn, restart); dataplane: ClusterIP vs pod IP "
+        "connection setup; iptables: both iptables backends",
     )
     parser.add_argument("--quick", action="store_true", help="small sizes only (1k): a smoke check")
     parser.add_argument(
@@ -267,7 +269,12 @@ def main(argv: list[str] | None = None) -> int:
             continue
         if args.only is None:
             print(f"\n===== {part} =====\n")
-        if part == "nftables":
+        if part == "costmodel":
+            from bench import costmodel
+
+            if costmodel.main(["--quick"] if args.quick else []) != 0:
+                return 1
+        elif part == "nftables":
             bench_nftables(SIZES[:1] if args.quick else SIZES)
         elif part == "scale":
             from bench import scale
