@@ -21,6 +21,7 @@ from kubeproxy.tools.render import render_state
 
 OPTS = NftOptions(cluster_cidrs=(CLUSTER_CIDR,))
 SVC1, SVC2 = NamespacedName("ns1", "svc1"), NamespacedName("ns1", "svc2")
+SVC_WEB = NamespacedName("ns1", "web")
 
 
 def two_services(*, node_ports: bool = False) -> ProxyState:
@@ -319,9 +320,58 @@ def test_an_altered_load_balance_chain_makes_the_full_sync_recreate_the_table() 
     be = NftablesBackend(nft, OPTS)
     be.sync(st, set(), full=True)
     nft.run("flush chain ip kube-proxy load-balance-2\n")  # someone else's doing
+    before = len(nft.transactions)
     out = be.sync(st, set(), full=True)
     assert out.full
-    assert nft.transactions[-1].startswith("add table")  # programmed from scratch, in one transaction
+    # Deleted and programmed from scratch in ONE transaction: never a moment without rules.
+    assert len(nft.transactions) == before + 1
+    assert nft.transactions[-1].startswith("delete table ip kube-proxy\nadd table")
+    kernel_matches_render(nft, st)
+
+
+def test_load_balance_chains_of_another_version_are_retired(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = [1000.0]
+    monkeypatch.setattr(backend_mod.time, "monotonic", lambda: clock[0])
+    st, nft = two_services(), FakeNft()
+    NftablesBackend(nft, OPTS).sync(st, set(), full=True)
+    nft.run("add chain ip kube-proxy load-balance-99\n")  # e.g. from a version with more of them
+    be = NftablesBackend(nft, OPTS)
+    assert be.sync(st, set(), full=True).followup_after == backend_mod.STALE_CHAIN_DELAY
+    assert nft.tables[("ip", "kube-proxy")].chains["load-balance-99"] == []  # flushed now, deleted later
+    clock[0] += backend_mod.STALE_CHAIN_DELAY
+    be.sync(st, set(), full=False)
+    kernel_matches_render(nft, st)
+
+
+def test_partial_syncs_agree_with_the_renderer_when_a_service_wants_one_key_twice() -> None:
+    # A Service listing its own ClusterIP among its externalIPs wants two values for one key; a
+    # partial sync must end where a fresh render does (found by review: the key was dropped).
+    st = state_with(
+        node(),
+        service("web", "10.96.0.10", externalIPs=["10.96.0.10"]),
+        endpoint_slice("s1", "web", ["10.244.2.2", "10.244.2.3"], node="node2"),
+    )
+    nft = FakeNft()
+    be = NftablesBackend(nft, OPTS)
+    be.sync(st, set(), full=True)
+    kernel_matches_render(nft, st)
+    for policy in ("Local", "Cluster"):
+        st.on_service(SVC_WEB, service("web", "10.96.0.10", externalIPs=["10.96.0.10"], internalTrafficPolicy=policy))
+        be.sync(st, st.commit().changed, full=False)
+        kernel_matches_render(nft, st)
+
+
+def test_two_namespaces_claiming_one_key_resolve_as_the_renderer_does() -> None:
+    # "a/x" and "a-b/y": the string "a-b/y" sorts first, the (namespace, name) pair "a" first.
+    st = state_with(
+        node(),
+        service("x", "10.96.0.10", namespace="a"),
+        endpoint_slice("sx", "x", ["10.244.1.2"], namespace="a"),
+        service("y", "10.96.0.10", namespace="a-b"),
+        endpoint_slice("sy", "y", ["10.244.1.3", "10.244.1.4"], namespace="a-b"),
+    )
+    nft = FakeNft()
+    NftablesBackend(nft, OPTS).sync(st, set(), full=True)
     kernel_matches_render(nft, st)
 
 
@@ -329,8 +379,15 @@ def _lb_doc(chain: str, *rules: list[dict[str, Any]]) -> dict[str, Any]:
     return {"nftables": [{"rule": {"chain": chain, "expr": expr}} for expr in rules]}
 
 
-def _lb_expr(mod: int, data: str = "@service-endpoints", mode: str = "random") -> list[dict[str, Any]]:
-    key = [{"payload": {}}, {"meta": {}}, {"payload": {}}, {"numgen": {"mode": mode, "mod": mod, "offset": 0}}]
+def _lb_expr(
+    mod: int, data: str = "@service-endpoints", mode: str = "random", field: str = "daddr"
+) -> list[dict[str, Any]]:
+    key = [
+        {"payload": {"protocol": "ip", "field": field}},
+        {"meta": {"key": "l4proto"}},
+        {"payload": {"protocol": "th", "field": "dport"}},
+        {"numgen": {"mode": mode, "mod": mod, "offset": 0}},
+    ]
     return [{"dnat": {"addr": {"map": {"key": {"concat": key}, "data": data}}}}]
 
 
@@ -344,6 +401,7 @@ def _lb_expr(mod: int, data: str = "@service-endpoints", mode: str = "random") -
         (_lb_doc("load-balance-3", _lb_expr(3), _lb_expr(3)), set()),  # two rules
         (_lb_doc("load-balance-x", _lb_expr(3)), set()),
         (_lb_doc("load-balance-3", [{"accept": None}]), set()),
+        (_lb_doc("load-balance-3", _lb_expr(3, field="saddr")), set()),
         (None, set()),
     ],
 )

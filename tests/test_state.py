@@ -270,8 +270,19 @@ def test_ip_addresses_are_canonical(text: str, canonical: str) -> None:
     assert parse_ip(text, "x") == canonical
 
 
-@pytest.mark.parametrize("text", ["010.1.2.3", "256.1.2.3", "1.2.3", "1.2.3.4.5", "\u0661.2.3.4", ""])
+@pytest.mark.parametrize(
+    "text", ["010.1.2.3", "256.1.2.3", "1.2.3", "1.2.3.4.5", "\u0661.2.3.4", "", "fe80::1%eth0", "fd00::1%1"]
+)
 def test_invalid_ip_addresses_are_refused(text: str) -> None:
     # Unicode digits match a naive \d: they must never reach a ruleset.
     with pytest.raises(InvalidObject, match="invalid IP address"):
         parse_ip(text, "x")
+
+
+def test_two_ports_with_one_port_number_and_protocol_are_refused() -> None:
+    # The API server refuses them; from manifests they would claim one address:port twice.
+    svc = service("web", "10.96.0.10", ports=[{"name": "a", "port": 80}, {"name": "b", "port": 80}])
+    with pytest.raises(InvalidObject, match="duplicate port 80/TCP"):
+        service_ports(svc)
+    ok = service("web", "10.96.0.10", ports=[{"name": "a", "port": 53}, {"name": "b", "port": 53, "protocol": "UDP"}])
+    assert len(service_ports(ok)) == 2

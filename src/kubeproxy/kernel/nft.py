@@ -188,6 +188,8 @@ class FakeNft:
             elif verb == "delete":
                 if tables.pop(key, None) is None:
                     raise NftError("No such file or directory (table)")
+                # Sets created after this in the same transaction are nft's own: read right.
+                self._misread = {m for m in self._misread if m[0] != key}
             else:
                 flushed = tables.get(key)
                 if flushed is None:

@@ -123,13 +123,17 @@ _CANONICAL_V4 = re.compile(r"(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0
 
 
 def parse_ip(value: str, where: str) -> str:
-    """The canonical text of an IP address (``ipaddress``'s); ``InvalidObject`` names ``where``."""
+    """The canonical text of an IP address (``ipaddress``'s); ``InvalidObject`` names ``where``.
+    IPv6 zone IDs (``fe80::1%eth0``) are refused, as the API server does: no ruleset can use them."""
     if _CANONICAL_V4.fullmatch(value):
         return value
     try:
-        return str(ipaddress.ip_address(value.strip()))
+        text = str(ipaddress.ip_address(value.strip()))
     except ValueError as exc:
         raise InvalidObject(f"{where}: invalid IP address {value!r}") from exc
+    if "%" in text:
+        raise InvalidObject(f"{where}: invalid IP address {value!r} (zone IDs are not allowed)")
+    return text
 
 
 def parse_cidr(value: str, where: str) -> str:
@@ -203,6 +207,7 @@ def service_ports(svc: objects.Service) -> dict[ServicePortName, ServicePort]:
     external_capable = spec.type in ("NodePort", "LoadBalancer")
     out: dict[ServicePortName, ServicePort] = {}
     ports = spec.ports or []
+    seen: set[tuple[int, Protocol]] = set()
     for index, p in enumerate(ports):
         where = f"spec.ports[{index}]"
         if len(ports) > 1 and not p.name:
@@ -216,9 +221,14 @@ def service_ports(svc: objects.Service) -> dict[ServicePortName, ServicePort]:
         spn = ServicePortName(meta.namespace, meta.name, p.name, protocol)
         if spn in out:
             raise InvalidObject(f"{where}: duplicate port {spn} {protocol}")
+        number = parse_port(p.port, f"{where}.port")
+        if (number, protocol) in seen:
+            # The API server refuses this too; two ports claiming one address:port cannot both work.
+            raise InvalidObject(f"{where}: duplicate port {number}/{protocol.value}")
+        seen.add((number, protocol))
         out[spn] = ServicePort(
             name=spn,
-            port=parse_port(p.port, f"{where}.port"),
+            port=number,
             cluster_ips=tuple(cluster_ips),
             node_port=parse_port(p.nodePort, f"{where}.nodePort", allow_zero=True) if external_capable else 0,
             external_ips=external_ips,

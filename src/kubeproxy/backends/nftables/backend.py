@@ -74,6 +74,17 @@ def _compact(claims: dict[Owner, str | None]) -> Claims:
     return next(iter(claims.items())) if len(claims) == 1 else claims
 
 
+def _element_values(fragment: Fragment) -> dict[ElemKey, str | None]:
+    """One value per element key of a fragment: the smallest, as ``render.assemble`` picks it, if the
+    Service wants one key twice (e.g. its ClusterIP also listed among its externalIPs)."""
+    if len(fragment.elements) == len({(s, k) for s, k, _v in fragment.elements}):
+        return {(set_name, key): value for set_name, key, value in fragment.elements}
+    out: dict[ElemKey, str | None] = {}
+    for set_name, key, value in sorted(fragment.elements, key=lambda e: (e[0], e[1], e[2] or "")):
+        out.setdefault((set_name, key), value)
+    return out
+
+
 def _json_value(value: Any) -> str:
     if isinstance(value, dict):
         if "concat" in value:
@@ -172,7 +183,15 @@ def load_balance_chains_in(doc: TableDoc | None) -> set[str]:
         try:
             mapping = exprs[0][0]["dnat"]["addr"]["map"]
             key = mapping["key"]["concat"]
-            ok = mapping["data"] == f"@{SERVICE_ENDPOINTS}" and len(key) == 4 and key[3]["numgen"]["mod"] == int(n)
+            ok = (
+                mapping["data"] == f"@{SERVICE_ENDPOINTS}"
+                and len(key) == 4
+                and key[0]["payload"]["field"] == "daddr"
+                and key[0]["payload"]["protocol"] in ("ip", "ip6")
+                and key[1] == {"meta": {"key": "l4proto"}}
+                and key[2] == {"payload": {"protocol": "th", "field": "dport"}}
+                and key[3]["numgen"]["mod"] == int(n)
+            )
         except (KeyError, TypeError, IndexError):
             continue
         if ok and key[3]["numgen"].get("mode") == "random" and not key[3]["numgen"].get("offset"):
@@ -250,7 +269,8 @@ class NftablesBackend:
             return owners[1]
         if len(owners) == 1:
             return next(iter(owners.values()))
-        first = min(owners, key=lambda o: "" if o is None else f"~{o}")
+        # The static part first, then Services in the order render.assemble takes them.
+        first = min(owners, key=lambda o: (0, "", "") if o is None else (1, o.namespace, o.name))
         return owners[first]
 
     def _fragment(self, state: ProxyState, key: NamespacedName) -> Fragment:
@@ -302,8 +322,15 @@ class NftablesBackend:
                 name.startswith(f"{LOAD_BALANCE}-") and name not in keep for name in static_chains(self.opts)
             ):
                 # A load-balance chain is missing or altered, and nft cannot write one next to the
-                # map the kernel holds (see load_balance_chains_in): start the table afresh.
-                return self._take_over(state, changed, NftError("a load-balance chain is missing or altered"))
+                # map the kernel holds (see load_balance_chains_in): replace the whole table, in this
+                # same transaction, so that there is no moment without rules.
+                log.warning(
+                    "a load-balance chain is missing or altered; re-creating the table in one transaction "
+                    "family=%s",
+                    self.family,
+                )
+                lines.append(f"delete table {self.family} {TABLE}")
+                kernel_chains, kernel_elements, kernel_sets, keep = set(), {}, {}, set()
             lines += self._skeleton(keep=keep)
             targets: Collection[NamespacedName] = sorted(state.services)
             base_owners: dict[ElemKey, Claims] = {}
@@ -366,10 +393,12 @@ class NftablesBackend:
                 stale.pop(name, None)
             for name in old.chains.keys() - new.chains.keys():
                 stale.setdefault(name, now)
-            for set_name, key, _value in old.elements - new.elements:
-                unclaim((set_name, key), svc)
-            for set_name, key, value in new.elements - old.elements:
-                claim((set_name, key), svc, value)
+            old_values, new_values = _element_values(old), _element_values(new)
+            for elem_key in old_values.keys() - new_values.keys():
+                unclaim(elem_key, svc)
+            for elem_key, value in new_values.items():
+                if elem_key not in old_values or old_values[elem_key] != value:
+                    claim(elem_key, svc, value)
 
         if full:
             gone_sets |= kernel_sets.keys()
@@ -379,9 +408,12 @@ class NftablesBackend:
             new_sets.pop(name, None)
         touched: set[ElemKey] = set(owner_updates)
         if full:
+            lb_chains = {name for name in static_chains(self.opts) if name.startswith(f"{LOAD_BALANCE}-")}
             for name in kernel_chains:
                 if names.is_service_chain(name) and name not in written_chains:
                     stale.setdefault(name, now)
+                elif name.startswith(f"{LOAD_BALANCE}-") and name not in lb_chains:
+                    stale.setdefault(name, now)  # left by a version with more load-balance chains
             # Elements in the kernel that nobody owns any more must go too.
             touched |= {(s, k) for s, elems in kernel_elements.items() for k in elems}
 

@@ -353,9 +353,9 @@ def render_service_port(
     lb_ips, external_ips = plan.load_balancer_ips, plan.external_ips
     # Balanced through the shared map when every way into the cluster endpoints carries a
     # destination address the map is keyed by (a NodePort's is any node address).
-    if 0 < len(cat.cluster) <= MAX_MAPPED_ENDPOINTS and svc.affinity_timeout is None and not svc.node_port:
+    mapped = 0 < len(cat.cluster) <= MAX_MAPPED_ENDPOINTS and svc.affinity_timeout is None and not svc.node_port
+    if mapped:
         cluster_chain = f"{LOAD_BALANCE}-{len(cat.cluster)}"
-        elements.update(mapped_elements(dict.fromkeys([cluster_ip, *external_ips, *lb_ips]), proto, port, cat.cluster))
     elif cat.cluster:
         chains[cluster_chain] = balance(cat.cluster)
     if cat.local:
@@ -408,6 +408,14 @@ def render_service_port(
             elements.add((SERVICE_NODEPORTS, np_key, f"goto {external_chain}"))
         if external_verdict is not None:
             elements.add((NO_ENDPOINT_NODEPORTS, np_key, external_verdict))
+    if mapped:
+        # Map keys for exactly the destinations that reach load-balance-<n>: the ClusterIP when
+        # internal traffic uses the cluster endpoints; external and LB IPs when the external chain
+        # goes there (ETP=Cluster with endpoints, or ETP=Local's pod and node shortcuts).
+        addresses = [cluster_ip] if internal_verdict is None and internal_chain == cluster_chain else []
+        if cat.has_any and plan.externally_accessible and (svc.external_policy_local or external_verdict is None):
+            addresses += [*external_ips, *lb_ips]
+        elements.update(mapped_elements(dict.fromkeys(addresses), proto, port, cat.cluster))
     return chains, elements, sets
 
 
