@@ -325,8 +325,7 @@ class NftablesBackend:
                 # map the kernel holds (see load_balance_chains_in): replace the whole table, in this
                 # same transaction, so that there is no moment without rules.
                 log.warning(
-                    "a load-balance chain is missing or altered; re-creating the table in one transaction "
-                    "family=%s",
+                    "a load-balance chain is missing or altered; re-creating the table in one transaction family=%s",
                     self.family,
                 )
                 lines.append(f"delete table {self.family} {TABLE}")
