@@ -50,12 +50,16 @@ class NftCli:
         self._binary = binary or path_of("nft")
         self._timeout = timeout
 
-    def _exec(self, args: list[str], stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    def _exec_bytes(self, args: list[str], stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
         argv = [*self._prefix, self._binary, *args]
         try:
-            return subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=self._timeout, check=False)
+            return subprocess.run(argv, input=stdin, capture_output=True, timeout=self._timeout, check=False)
         except (OSError, subprocess.TimeoutExpired) as exc:
             raise NftError(f"cannot run {' '.join(argv)}: {exc}") from exc
+
+    def _exec(self, args: list[str], stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+        proc = self._exec_bytes(args, None if stdin is None else stdin.encode())
+        return subprocess.CompletedProcess(proc.args, proc.returncode, proc.stdout.decode(), proc.stderr.decode())
 
     def run(self, script: str) -> None:
         proc = self._exec(["-f", "-"], stdin=script)
@@ -63,11 +67,7 @@ class NftCli:
             raise NftError(f"nft -f - failed (exit {proc.returncode}): {proc.stderr.strip()[:4000]}")
 
     def list_table(self, family: str, table: str) -> bytes | None:
-        argv = [*self._prefix, self._binary, "-j", "list", "table", family, table]
-        try:
-            proc = subprocess.run(argv, capture_output=True, timeout=self._timeout, check=False)
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            raise NftError(f"cannot run {' '.join(argv)}: {exc}") from exc
+        proc = self._exec_bytes(["-j", "list", "table", family, table])
         if proc.returncode != 0:
             stderr = proc.stderr.decode(errors="replace")
             if "No such file or directory" in stderr:
