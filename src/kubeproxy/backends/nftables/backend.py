@@ -30,6 +30,7 @@ from kubeproxy.backends.nftables.render import (
     BASE_CHAINS,
     EMPTY,
     LOAD_BALANCE,
+    LOAD_BALANCE_CHAINS,
     SERVICE_ENDPOINTS,
     TABLE,
     Element,
@@ -191,10 +192,12 @@ def load_balance_chains_in(doc: TableDoc | None) -> set[str]:
                 and key[1] == {"meta": {"key": "l4proto"}}
                 and key[2] == {"payload": {"protocol": "th", "field": "dport"}}
                 and key[3]["numgen"]["mod"] == int(n)
+                and key[3]["numgen"].get("mode") == "random"
+                and not key[3]["numgen"].get("offset")
             )
         except (KeyError, TypeError, IndexError):
             continue
-        if ok and key[3]["numgen"].get("mode") == "random" and not key[3]["numgen"].get("offset"):
+        if ok:
             out.add(chain)
     return out
 
@@ -318,9 +321,7 @@ class NftablesBackend:
             # The kernel fills affinity sets itself (client addresses): never reconcile their elements.
             kernel_elements = {k: v for k, v in kernel_elements.items() if k not in kernel_sets}
             keep = load_balance_chains_in(doc)
-            if SERVICE_ENDPOINTS in kernel_elements and any(
-                name.startswith(f"{LOAD_BALANCE}-") and name not in keep for name in static_chains(self.opts)
-            ):
+            if SERVICE_ENDPOINTS in kernel_elements and not keep.issuperset(LOAD_BALANCE_CHAINS):
                 # A load-balance chain is missing or altered, and nft cannot write one next to the
                 # map the kernel holds (see load_balance_chains_in): replace the whole table, in this
                 # same transaction, so that there is no moment without rules.
@@ -407,11 +408,10 @@ class NftablesBackend:
             new_sets.pop(name, None)
         touched: set[ElemKey] = set(owner_updates)
         if full:
-            lb_chains = {name for name in static_chains(self.opts) if name.startswith(f"{LOAD_BALANCE}-")}
             for name in kernel_chains:
                 if names.is_service_chain(name) and name not in written_chains:
                     stale.setdefault(name, now)
-                elif name.startswith(f"{LOAD_BALANCE}-") and name not in lb_chains:
+                elif name.startswith(f"{LOAD_BALANCE}-") and name not in LOAD_BALANCE_CHAINS:
                     stale.setdefault(name, now)  # left by a version with more load-balance chains
             # Elements in the kernel that nobody owns any more must go too.
             touched |= {(s, k) for s, elems in kernel_elements.items() for k in elems}

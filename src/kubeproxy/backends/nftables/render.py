@@ -53,6 +53,7 @@ SERVICE_ENDPOINTS = "service-endpoints"
 # holding one rule that refers to the map (element updates cost in proportion to those rules).
 MAX_MAPPED_ENDPOINTS = 64
 LOAD_BALANCE = "load-balance"
+LOAD_BALANCE_CHAINS = tuple(f"{LOAD_BALANCE}-{n}" for n in range(1, MAX_MAPPED_ENDPOINTS + 1))
 
 REJECT_CHAIN = "reject-chain"
 VERDICT_REJECT = f"goto {REJECT_CHAIN}"
@@ -217,10 +218,8 @@ def static_chains(opts: NftOptions) -> dict[str, tuple[str, ...]]:
         f"{nodeport_dest} meta l4proto . th dport vmap @{SERVICE_NODEPORTS}",
     ]
     balancing = {
-        f"{LOAD_BALANCE}-{n}": (
-            f"dnat to {ip} daddr . meta l4proto . th dport . numgen random mod {n} map @{SERVICE_ENDPOINTS}",
-        )
-        for n in range(1, MAX_MAPPED_ENDPOINTS + 1)
+        chain: (f"dnat to {ip} daddr . meta l4proto . th dport . numgen random mod {n} map @{SERVICE_ENDPOINTS}",)
+        for n, chain in enumerate(LOAD_BALANCE_CHAINS, 1)
     }
     return balancing | {
         "filter-input": (f"{new} jump nodeport-endpoints-check", f"{new} jump service-endpoints-check"),
