@@ -25,6 +25,7 @@ small sizes only (1k; a smoke check); ``--timeout`` caps each iptables row.
 from __future__ import annotations
 
 import argparse
+import importlib
 import ipaddress
 import json
 import os
@@ -269,25 +270,14 @@ def main(argv: list[str] | None = None) -> int:
             continue
         if args.only is None:
             print(f"\n===== {part} =====\n")
-        if part == "costmodel":
-            from bench import costmodel
-
-            if costmodel.main(["--quick"] if args.quick else []) != 0:
-                return 1
-        elif part == "nftables":
+        if part == "nftables":
             bench_nftables(SIZES[:1] if args.quick else SIZES)
-        elif part == "scale":
-            from bench import scale
-
-            if scale.main(["--quick"] if args.quick else []) != 0:
-                return 1
-        elif part == "dataplane":
-            from bench import dataplane
-
-            if dataplane.main(["--quick"] if args.quick else []) != 0:
-                return 1
-        else:
+        elif part == "iptables":
             bench_iptables(SIZES[:1] if args.quick else SIZES, args.timeout)
+        else:  # a module of its own, with the same --quick
+            module = importlib.import_module(f"bench.{part}")
+            if module.main(["--quick"] if args.quick else []) != 0:
+                return 1
     return 0
 
 
