@@ -71,7 +71,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from bench.run import build_state, machine, make_objects
+from bench.run import build_state, git_info, machine, make_objects
 from kubeproxy.backends.iptables.backend import IptablesBackend
 from kubeproxy.backends.iptables.render import IptOptions
 from kubeproxy.backends.nftables.backend import NftablesBackend
@@ -304,13 +304,6 @@ def print_table(rows: list[dict[str, Any]]) -> None:
     for row in rows:
         if "error" in row:
             print(f"{row['mode']} N={row['services']}: {row['error']}")
-
-
-def git_info() -> dict[str, Any]:
-    def git(*args: str) -> str:
-        return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True, check=False).stdout
-
-    return {"git_commit": git("rev-parse", "HEAD").strip(), "git_src_dirty": bool(git("status", "--porcelain", "src"))}
 
 
 def main(argv: list[str] | None = None) -> int:

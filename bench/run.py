@@ -200,6 +200,16 @@ def machine() -> dict[str, Any]:
     }
 
 
+def git_info() -> dict[str, Any]:
+    """The commit measured, and whether src/ had uncommitted changes."""
+
+    def git(*args: str) -> str:
+        root = str(Path(__file__).parent.parent)
+        return subprocess.run(["git", "-C", root, *args], capture_output=True, text=True, check=False).stdout
+
+    return {"git_commit": git("rev-parse", "HEAD").strip(), "git_src_dirty": bool(git("status", "--porcelain", "src"))}
+
+
 def bench_nftables(sizes: list[tuple[int, int]]) -> None:
     """The nftables rows and the API source benchmark (bench/results/nftables-<date>.json)."""
     netns = f"kpbench-{os.getpid()}"

@@ -55,7 +55,6 @@ import http.client
 import itertools
 import json
 import os
-import platform
 import re
 import shutil
 import signal
@@ -75,6 +74,7 @@ from typing import Any, Final
 import yaml
 
 import kubeproxy
+from bench import run
 from bench import scale_objects as objs
 from bench.scale_netlink import CANARY_PREFIX, NetlinkCounter
 from kubeproxy.lab.apiserver import FakeApiServer
@@ -940,19 +940,7 @@ def run_size(
 
 
 def machine() -> dict[str, Any]:
-    nft = subprocess.run(["nft", "--version"], capture_output=True, text=True, check=False).stdout.strip()
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False, cwd=Path(__file__).parent
-    ).stdout.strip()
-    return {
-        "python": platform.python_version(),
-        "kernel": platform.release(),
-        "cpus": os.cpu_count(),
-        "nft": nft,
-        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "git_commit": commit,
-        "kubeproxy_source": str(Path(kubeproxy.__file__).resolve().parent),
-    }
+    return run.machine() | run.git_info() | {"kubeproxy_source": str(Path(kubeproxy.__file__).resolve().parent)}
 
 
 def _table(title: str, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
